@@ -1,0 +1,3 @@
+from entrenar_cli.cli import main
+
+main()

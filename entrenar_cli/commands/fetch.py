@@ -1,0 +1,16 @@
+"""`entrenar fetch` (not built yet: fails loudly, never fakes success)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def fetch() -> None:
+    """Not implemented yet (planned example: entrenar fetch ...)."""
+    from entrenar_cli.errors import NotImplementedYet
+
+    raise NotImplementedYet("'entrenar fetch' is not implemented yet")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(fetch)

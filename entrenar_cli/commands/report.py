@@ -1,0 +1,16 @@
+"""`entrenar report` (not built yet: fails loudly, never fakes success)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def report() -> None:
+    """Not implemented yet (planned example: entrenar report ...)."""
+    from entrenar_cli.errors import NotImplementedYet
+
+    raise NotImplementedYet("'entrenar report' is not implemented yet")
+
+
+def register(app: typer.Typer) -> None:
+    app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(report)
