@@ -1,25 +1,62 @@
-"""`entrenar distill` and `entrenar finetune` (not built yet)."""
+"""`entrenar distill` and `entrenar finetune`: YAML-driven training runs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from entrenar_cli.commands.options import SetOption
 
-def distill() -> None:
-    """Not implemented yet (planned example: entrenar distill ...)."""
-    from entrenar_cli.errors import NotImplementedYet
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in output.dir.")]
+OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Delete what is in output.dir and start again.")]
+DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Load models and data, print the plan, train nothing.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (metrics still go to metrics.jsonl).")]
 
-    raise NotImplementedYet("'entrenar distill' is not implemented yet")
+
+def distill(
+    config: Annotated[Path, typer.Argument(help="Distillation YAML (see examples/configs/).")],
+    set_: SetOption = None,
+    resume: ResumeOption = False,
+    overwrite: OverwriteOption = False,
+    dry_run: DryRunOption = False,
+    baseline: Annotated[bool, typer.Option(
+        "--baseline", help="Also train the same student with plain cross-entropy and compare.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train a student from a teacher: logit KD, hidden-state matching, attention transfer, LoRA.
+
+    Example: entrenar distill examples/configs/distill-smollm2.yaml --set training.max_steps=50
+    """
+    from entrenar_cli.config import DistillationYamlConfig
+    from entrenar_cli.pipeline.common import RunOptions
+    from entrenar_cli.pipeline.distill import run
+
+    cfg = DistillationYamlConfig.from_file(str(config), set_ or [])
+    run(cfg, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run, baseline=baseline, progress=not quiet))
 
 
-def finetune() -> None:
-    """Not implemented yet (planned example: entrenar finetune ...)."""
-    from entrenar_cli.errors import NotImplementedYet
+def finetune(
+    config: Annotated[Path, typer.Argument(help="Fine-tuning YAML (see examples/configs/).")],
+    set_: SetOption = None,
+    resume: ResumeOption = False,
+    overwrite: OverwriteOption = False,
+    dry_run: DryRunOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Fine-tune a model: full, LoRA or QLoRA (4/8-bit base through bitsandbytes).
 
-    raise NotImplementedYet("'entrenar finetune' is not implemented yet")
+    Example: entrenar finetune examples/configs/finetune-lora.yaml --set method=qlora
+    """
+    from entrenar_cli.config import FineTuneYamlConfig
+    from entrenar_cli.pipeline.common import RunOptions
+    from entrenar_cli.pipeline.finetune import run
+
+    cfg = FineTuneYamlConfig.from_file(str(config), set_ or [])
+    run(cfg, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run, progress=not quiet))
 
 
 def register(app: typer.Typer) -> None:
-    extra = {"allow_extra_args": True, "ignore_unknown_options": True}
-    app.command(context_settings=extra)(distill)
-    app.command(context_settings=extra)(finetune)
+    app.command()(distill)
+    app.command()(finetune)

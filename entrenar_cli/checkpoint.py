@@ -1,0 +1,111 @@
+"""Checkpoints without pickle: tensors in SafeTensors, everything else in JSON.
+
+A checkpoint is a directory ``checkpoints/step-000010/`` built under a temporary name and renamed
+into place, so a checkpoint that exists is complete; a process killed mid-write leaves only a
+hidden ``.step-*.tmp`` directory that resume ignores.
+
+Contents: ``trainable.safetensors`` (the parameters that train: the whole student, or only the
+LoRA adapters and projection heads), ``optimizer.safetensors`` + ``optimizer.json`` (AdamW state),
+``rng.safetensors`` (torch CPU/CUDA generator states) and ``trainer_state.json`` (step, epoch,
+data position, scheduler state, counters).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from entrenar_cli.fsutil import atomic_dir
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return output_dir / "checkpoints"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for pid, entry in state["state"].items():
+        meta_entry: dict[str, Any] = {}
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.detach().contiguous().cpu()
+                meta_entry[key] = "__tensor__"
+            else:
+                meta_entry[key] = value
+        meta["state"][str(pid)] = meta_entry
+    return tensors, meta
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "__tensor__" else v) for k, v in entry.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically and prune to the newest ``keep``."""
+    target = checkpoint_root(output_dir) / f"step-{step:06d}"
+    with atomic_dir(target) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        # written last: its presence marks a complete checkpoint even without the atomic rename
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """(trainable tensors, optimizer state dict, rng tensors, trainer state)."""
+    trainable = load_file(str(path / "trainable.safetensors"))
+    opt = _optimizer_from_flat(load_file(str(path / "optimizer.safetensors")),
+                               json.loads((path / "optimizer.json").read_text()))
+    rng = load_file(str(path / "rng.safetensors"))
+    state = json.loads((path / "trainer_state.json").read_text())
+    return trainable, opt, rng, state
+
+
+def restore_rng(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)

@@ -1,0 +1,375 @@
+"""Loading teachers and students with transformers' Auto classes, building a student from teacher
+layers (the DistilBERT recipe), LoRA through peft, and saving a directory transformers can load.
+
+Safety: weights load with ``use_safetensors=True`` unless the user allowed pickle, and
+``trust_remote_code`` is passed only when the user set it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from entrenar_cli.errors import ConfigError, ModelError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# default LoRA targets: the attention projections of each family
+LORA_DEFAULT_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
+    "gpt2": ["c_attn", "c_proj"],
+    "bert": ["query", "key", "value"],
+    "roberta": ["query", "key", "value"],
+}
+_LAYER_KEY = re.compile(r"^(.*?\.(?:layers|layer|h|blocks))\.(\d+)\.(.*)$")
+
+
+@dataclass
+class ModelLocation:
+    """Where a model's files are: a directory, plus the GGUF file inside it when it is one."""
+
+    path: Path
+    gguf_file: str | None = None
+    name: str = ""
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+
+def locate(model_id: str, *, revision: str | None = None, fmt: str = "safetensors",
+           gguf_file: str | None = None, allow_pickle: bool = False) -> ModelLocation:
+    """Resolve a model reference: a local directory, a local ``.gguf`` file, or a Hub repo id."""
+    p = Path(model_id).expanduser()
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return ModelLocation(p.parent, p.name, model_id)
+        raise ModelError(f"{model_id} is a file, not a model directory",
+                         hint="point at the directory holding config.json, or at a .gguf file")
+    if p.is_dir():
+        if fmt == "gguf" or gguf_file:
+            name = gguf_file or _single_gguf(p)
+            return ModelLocation(p, name, model_id)
+        _check_local_weights(p, allow_pickle)
+        return ModelLocation(p, None, model_id)
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
+        raise ModelError(f"model path not found: {model_id}", hint="check the path, or give a Hub repo id like org/name")
+    from entrenar_cli.hub import resolve_model
+
+    local = Path(resolve_model(model_id, revision=revision, fmt=fmt, allow_pickle=allow_pickle, gguf_file=gguf_file))
+    if local.is_file():
+        return ModelLocation(local.parent, local.name, model_id)
+    return ModelLocation(local, None, model_id)
+
+
+def _single_gguf(directory: Path) -> str:
+    found = sorted(f.name for f in directory.glob("*.gguf"))
+    if len(found) != 1:
+        raise ModelError(f"{directory}: expected one .gguf file, found {len(found)}",
+                         hint="set gguf_file to the file to load")
+    return found[0]
+
+
+def _check_local_weights(directory: Path, allow_pickle: bool) -> None:
+    if not (directory / "config.json").is_file():
+        if (directory / "adapter_config.json").is_file():
+            return
+        raise ModelError(f"{directory}: no config.json: not a Hugging Face model directory")
+    safe = list(directory.glob("*.safetensors"))
+    pickled = [f for f in directory.iterdir() if f.suffix in PICKLE_SUFFIXES]
+    if not safe and pickled and not allow_pickle:
+        names = ", ".join(sorted(f.name for f in pickled))
+        raise ModelError(
+            f"{directory} has only pickle weights ({names}); they can execute code when loaded",
+            hint="convert them to safetensors, or set allow_pickle: true (--allow-pickle) if you trust them",
+        )
+    if not safe and not pickled:
+        raise ModelError(f"{directory}: no weights (*.safetensors) found")
+
+
+def read_config(loc: ModelLocation) -> dict[str, Any]:
+    """config.json as a dict (for GGUF files, the config transformers derives from the header)."""
+    if loc.is_gguf:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(loc.path, gguf_file=loc.gguf_file).to_dict()
+    try:
+        data = json.loads((loc.path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{loc.path / 'config.json'}: cannot read: {exc}") from None
+    if "model_type" not in data:
+        raise ModelError(f"{loc.path / 'config.json'} has no 'model_type'",
+                         hint="add the model_type (e.g. llama, bert) transformers should build")
+    return data
+
+
+def task_of(config: dict[str, Any]) -> str:
+    """'causal' for language models, 'masked' for MLM heads, 'base' for bare encoders."""
+    archs = config.get("architectures") or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal"
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return "masked"
+    if config.get("model_type") in ("bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta-v2"):
+        return "masked" if config.get("is_decoder") is False and any("MaskedLM" in a for a in archs) else "base"
+    return "causal"
+
+
+def _auto_class(task: str) -> Any:
+    import transformers
+
+    return {
+        "causal": transformers.AutoModelForCausalLM,
+        "masked": transformers.AutoModelForMaskedLM,
+        "base": transformers.AutoModel,
+    }[task]
+
+
+def load_tokenizer(loc: ModelLocation, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if loc.is_gguf:
+            kwargs["gguf_file"] = loc.gguf_file
+        tok = AutoTokenizer.from_pretrained(loc.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {loc.name or loc.path}: {exc}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.sep_token
+    return tok
+
+
+def load_model(loc: ModelLocation, *, task: str | None = None, dtype: torch.dtype = torch.float32,
+               eager_attention: bool = False, trust_remote_code: bool = False,
+               allow_pickle: bool = False) -> nn.Module:
+    """Load weights with the right Auto class; eager attention only when maps are needed."""
+    config = read_config(loc)
+    task = task or task_of(config)
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+        "attn_implementation": "eager" if eager_attention else "sdpa",
+    }
+    if loc.is_gguf:
+        kwargs["gguf_file"] = loc.gguf_file
+    else:
+        kwargs["use_safetensors"] = not allow_pickle or any(loc.path.glob("*.safetensors"))
+    try:
+        model = _auto_class(task).from_pretrained(loc.path, **kwargs)
+    except ValueError as exc:
+        if "sdpa" in str(exc).lower() or "attn_implementation" in str(exc):
+            kwargs["attn_implementation"] = "eager"
+            model = _auto_class(task).from_pretrained(loc.path, **kwargs)
+        else:
+            raise ModelError(f"cannot load {loc.name or loc.path}: {exc}") from None
+    except (OSError, RuntimeError) as exc:
+        raise ModelError(f"cannot load {loc.name or loc.path}: {str(exc).splitlines()[0]}",
+                         hint="check that the weights are complete (re-run 'entrenar fetch')") from None
+    return model
+
+
+def num_layers(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0))
+
+
+def hidden_size(model: nn.Module) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0))
+
+
+def spread_layers(n_teacher: int, n_student: int) -> list[int]:
+    """``n_student`` teacher layer indices spread evenly, always keeping the first and last."""
+    if n_student >= n_teacher:
+        return list(range(n_teacher))
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def clean_config(config: Any) -> Any:
+    """A copy of a config without GGUF quantization settings (save_pretrained refuses them)."""
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    cfg.dtype = torch.float32 if hasattr(cfg, "dtype") else None
+    return cfg
+
+
+def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A student with the teacher's embeddings, final norm, head and the chosen layers (copied)."""
+    n_t = num_layers(teacher)
+    bad = [i for i in layers if i >= n_t]
+    if bad:
+        raise ConfigError(
+            f"student.init_from_teacher.layers: {bad} out of range: the teacher has {n_t} layers (0..{n_t - 1})"
+        )
+    cfg = clean_config(teacher.config)
+    attr = "num_hidden_layers" if hasattr(cfg, "num_hidden_layers") else "n_layer"
+    for key, value in list(vars(cfg).items()):  # per-layer lists (layer_types, ...) follow the chosen layers
+        if isinstance(value, list) and len(value) == n_t and key != "architectures":
+            setattr(cfg, key, [value[i] for i in layers])
+    setattr(cfg, attr, len(layers))
+    student = type(teacher)(cfg).to(torch.float32)
+    mapping = {str(t): str(s) for s, t in enumerate(layers)}
+    new_state: dict[str, torch.Tensor] = {}
+    for key, value in teacher.state_dict().items():
+        m = _LAYER_KEY.match(key)
+        if m and m.group(2).isdigit() and _is_block_list(teacher, m.group(1)):
+            if m.group(2) not in mapping:
+                continue
+            key = f"{m.group(1)}.{mapping[m.group(2)]}.{m.group(3)}"
+        new_state[key] = value.detach().to(torch.float32).clone()
+    missing, unexpected = student.load_state_dict(new_state, strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ModelError(f"could not map teacher weights onto the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(cfg, "tie_word_embeddings", False) and hasattr(student, "tie_weights"):
+        student.tie_weights()
+    return student
+
+
+def _is_block_list(model: nn.Module, prefix: str) -> bool:
+    try:
+        module = model.get_submodule(prefix)
+    except AttributeError:
+        return False
+    return isinstance(module, nn.ModuleList)
+
+
+def vocab_of(model: nn.Module) -> int:
+    emb = model.get_input_embeddings()
+    return int(emb.weight.shape[0])
+
+
+def check_vocab(teacher_tok: Any, student_tok: Any, teacher: nn.Module, student: nn.Module) -> tuple[int, str | None]:
+    """The number of logits both models share, and a note when padding rows are sliced off.
+
+    Same tokens but a larger embedding matrix (padding rows, e.g. 151936 vs 152064) is fine: the
+    extra logits are sliced off. Different tokens is a real mismatch and an error before training.
+    """
+    from entrenar_cli.data import tokenizer_fingerprint
+
+    v_t, v_s = vocab_of(teacher), vocab_of(student)
+    if student_tok is not None and tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
+        raise ModelError(
+            f"teacher and student tokenizers differ (teacher vocabulary {len(teacher_tok)}, student {len(student_tok)})",
+            hint="distillation on logits needs a shared vocabulary: pick a student from the teacher's family, "
+            "or use student.init_from_teacher",
+        )
+    if v_t == v_s:
+        return v_t, None
+    used = len(teacher_tok)
+    common = min(v_t, v_s)
+    if used > common:
+        raise ModelError(f"teacher has {v_t} logits and student {v_s}, but the tokenizer uses {used} ids")
+    return common, f"vocabulary sizes differ only in padding rows ({v_t} vs {v_s}): comparing the first {common} logits"
+
+
+def apply_lora(model: nn.Module, settings: Any, *, model_type: str | None = None) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    model_type = model_type or getattr(model.config, "model_type", "")
+    targets = settings.target_modules or LORA_DEFAULT_TARGETS.get(model_type)
+    if targets is None:
+        targets = "all-linear"
+    task_type = "CAUSAL_LM" if task_of(model.config.to_dict()) == "causal" else None
+    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                     target_modules=targets, task_type=task_type)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as exc:
+        raise ConfigError(f"lora.target_modules {targets!r}: {exc}",
+                          hint="name modules that exist in the model, or use 'all-linear'") from None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all unique parameters, trainable parameters)."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return total, trainable
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The model to save: LoRA merged into a copy (full precision), GGUF quantization settings dropped."""
+    if hasattr(model, "merge_and_unload"):
+        merged = copy.deepcopy(model).merge_and_unload()
+    else:
+        merged = model
+    if getattr(merged.config, "quantization_config", None) is not None:
+        fresh = type(merged)(clean_config(merged.config))
+        fresh.load_state_dict(merged.state_dict(), strict=False)
+        if getattr(fresh.config, "tie_word_embeddings", False):
+            fresh.tie_weights()
+        merged = fresh
+    return merged
+
+
+def save_model_dir(model: nn.Module, tokenizer: Any, directory: Path, *, dtype: torch.dtype = torch.float32) -> None:
+    """Write a Hugging Face model directory (safetensors, config, tokenizer, generation config)."""
+    from entrenar_cli.fsutil import atomic_dir
+
+    to_save = plain_model(model)
+    with atomic_dir(directory) as tmp:
+        state_dtype = next(to_save.parameters()).dtype
+        if state_dtype != dtype:
+            to_save = copy.deepcopy(to_save).to(dtype)
+        to_save.config.dtype = dtype
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def save_model_files(model: nn.Module, tokenizer: Any, directory: Path, *, dtype: torch.dtype = torch.float32) -> None:
+    """Write a model into an existing directory (beside metrics and checkpoints), file by file.
+
+    Each file is renamed into place; ``config.json`` goes last, so a directory whose config.json
+    exists holds complete weights.
+    """
+    import os
+    import tempfile
+
+    to_save = plain_model(model)
+    if next(to_save.parameters()).dtype != dtype:
+        to_save = copy.deepcopy(to_save).to(dtype)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", suffix=".tmp", dir=directory))
+    try:
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+        for name in names:
+            os.replace(tmp / name, directory / name)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter_dir(model: nn.Module, directory: Path) -> None:
+    """The peft adapter alone (``PeftModel.from_pretrained`` loads it)."""
+    from entrenar_cli.fsutil import atomic_dir
+
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)

@@ -1,0 +1,435 @@
+"""`entrenar distill`: setup (teacher, student, data) -> train -> save -> summary.
+
+The function reads in run order: :func:`setup` holds every side effect of loading, :func:`run`
+trains through the shared engine and writes the outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from entrenar_cli.config.schema import DistillationYamlConfig
+from entrenar_cli.console import info, warn
+from entrenar_cli.errors import ConfigError
+from entrenar_cli.pipeline.common import (
+    RunOptions,
+    check_free_space,
+    dir_size,
+    prepare_output_dir,
+    refresh_report,
+    start_event,
+    write_resolved_config,
+    write_summary,
+)
+
+
+@dataclass
+class DistillSetup:
+    """Everything loaded for a run, before training."""
+
+    cfg: DistillationYamlConfig
+    teacher: Any
+    student: Any
+    tokenizer: Any
+    task: str
+    vocab: int
+    train_blocks: Any
+    eval_blocks: Any
+    precision: str
+    device: Any
+    teacher_name: str
+    student_name: str
+    student_layers: list[int] | None
+
+
+def _precision_and_device(settings: Any) -> tuple[str, Any]:
+    import torch
+
+    from entrenar_cli.trainer import resolve_precision
+
+    if settings.device == "auto":
+        dev = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    else:
+        dev = settings.device
+    device = torch.device(dev)
+    return resolve_precision(settings.mixed_precision, device), device
+
+
+def _check_mapping(name: str, mapping: list[tuple[int, int]], n_student: int, n_teacher: int, allow_embed: bool) -> None:
+    low = -1 if allow_embed else 0
+    problems = []
+    for s, t in mapping:
+        if not (low <= s < n_student):
+            problems.append(f"student layer {s} (student has {n_student} layers: {low}..{n_student - 1})")
+        if not (low <= t < n_teacher):
+            problems.append(f"teacher layer {t} (teacher has {n_teacher} layers: {low}..{n_teacher - 1})")
+    if problems:
+        raise ConfigError(f"{name}: " + "; ".join(problems),
+                          hint="layer indices are 0-based transformer blocks; -1 is the embedding output")
+
+
+def setup(cfg: DistillationYamlConfig) -> DistillSetup:
+    """Load teacher, tokenizer, student and data; check that they fit together."""
+    import torch
+
+    from entrenar_cli import models
+    from entrenar_cli.data import load_blocks
+    from entrenar_cli.trainer import precision_dtype
+
+    precision, device = _precision_and_device(cfg.training)
+    t_src = cfg.teacher
+    t_loc = models.locate(t_src.model_id, revision=t_src.revision, fmt=t_src.format, gguf_file=t_src.gguf_file,
+                          allow_pickle=t_src.allow_pickle)
+    need_eager = cfg.distillation.attention.enabled
+    tokenizer = models.load_tokenizer(t_loc, t_src.trust_remote_code)
+    t_config = models.read_config(t_loc)
+    task = models.task_of(t_config)
+    info(f"loading teacher {t_src.model_id} ({t_config.get('model_type')}, {task})")
+    t_dtype = {"auto": precision_dtype(precision), "float32": torch.float32, "bfloat16": torch.bfloat16,
+               "float16": torch.float16}[t_src.dtype]
+    teacher = models.load_model(t_loc, task=task, dtype=t_dtype, eager_attention=need_eager,
+                                trust_remote_code=t_src.trust_remote_code, allow_pickle=t_src.allow_pickle)
+    teacher.eval().requires_grad_(False)
+
+    st = cfg.student
+    layers: list[int] | None = None
+    if st.init_from_teacher is not None:
+        n_t = models.num_layers(teacher)
+        spec = st.init_from_teacher.layers
+        layers = models.spread_layers(n_t, spec) if isinstance(spec, int) else list(spec)
+        if isinstance(spec, int) and spec > n_t:
+            raise ConfigError(f"student.init_from_teacher.layers: {spec} layers asked, the teacher has {n_t}")
+        info(f"student: {len(layers)} of the teacher's {n_t} layers {layers}")
+        # built from an fp32 copy so the student's master weights are full precision
+        student = models.student_from_teacher(teacher, layers)
+        student_tok = None
+        student_name = f"{t_src.model_id} layers {layers}"
+    else:
+        s_loc = models.locate(st.model_id, revision=st.revision, allow_pickle=st.allow_pickle)
+        student_tok = models.load_tokenizer(s_loc, st.trust_remote_code)
+        s_task = models.task_of(models.read_config(s_loc))
+        student = models.load_model(s_loc, task=s_task if task != "base" else "base", dtype=torch.float32,
+                                    eager_attention=need_eager, trust_remote_code=st.trust_remote_code,
+                                    allow_pickle=st.allow_pickle)
+        student_name = st.model_id
+    if need_eager and hasattr(student, "set_attn_implementation"):
+        student.set_attn_implementation("eager")
+    vocab, note = models.check_vocab(tokenizer, student_tok, teacher, student)
+    if note:
+        warn(note)
+
+    dist = cfg.distillation
+    n_s, n_t = models.num_layers(student), models.num_layers(teacher)
+    if dist.progressive.enabled:
+        _check_mapping("distillation.progressive.layer_mapping", dist.progressive.layer_mapping, n_s, n_t, True)
+    if dist.attention.enabled:
+        if dist.attention.layer_mapping is None:
+            # default: the progressive mapping (blocks only), else the student's layers spread over the teacher's
+            pairs = [(s, t) for s, t in dist.progressive.layer_mapping if s >= 0 and t >= 0] if dist.progressive.enabled else []
+            if not pairs:
+                t_layers = layers or models.spread_layers(n_t, n_s)
+                pairs = list(zip(range(n_s), t_layers))
+            dist.attention.layer_mapping = pairs
+        _check_mapping("distillation.attention.layer_mapping", dist.attention.layer_mapping, n_s, n_t, False)
+    if task == "base" and not (dist.progressive.enabled or dist.attention.enabled):
+        raise ConfigError(
+            "the teacher has no language-model head, so there are no logits to distill",
+            hint="enable distillation.progressive and/or distillation.attention for encoder teachers",
+        )
+    max_pos = getattr(teacher.config, "max_position_embeddings", None)
+    if max_pos and cfg.dataset.max_length > max_pos:
+        raise ConfigError(f"dataset.max_length {cfg.dataset.max_length} exceeds the teacher's "
+                          f"{max_pos} positions", hint=f"set dataset.max_length <= {max_pos}")
+    if st.lora is not None:
+        student = models.apply_lora(student, st.lora)
+
+    train_blocks, eval_blocks = load_blocks(cfg.dataset, tokenizer, causal=(task == "causal"))
+    info(f"data: {len(train_blocks)} training blocks, {len(eval_blocks)} held-out blocks of {cfg.dataset.max_length} tokens")
+    return DistillSetup(cfg, teacher, student, tokenizer, task, vocab, train_blocks, eval_blocks, precision, device,
+                        t_src.model_id, student_name, layers)
+
+
+def build_objective(su: DistillSetup) -> Any:
+    from entrenar_cli import models
+    from entrenar_cli.objectives import DistillObjective
+
+    return DistillObjective(su.teacher, su.cfg.distillation, task=su.task, vocab=su.vocab,
+                            student_dim=models.hidden_size(su.student), teacher_dim=models.hidden_size(su.teacher),
+                            mlm_info=_mlm_info(su))
+
+
+def _mlm_info(su: DistillSetup) -> dict[str, int] | None:
+    tok = su.tokenizer
+    if su.task != "masked" or tok.mask_token_id is None:
+        return None
+    return {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "mask": tok.mask_token_id}
+
+
+def plan(su: DistillSetup) -> dict[str, Any]:
+    """The resolved plan printed by --dry-run and stored in the summary."""
+    from entrenar_cli import models
+
+    t_params, _ = models.count_parameters(su.teacher)
+    s_params, s_train = models.count_parameters(su.student)
+    tr = su.cfg.training
+    blocks_per_step = tr.batch_size * tr.gradient_accumulation
+    per_epoch = len(su.train_blocks) // blocks_per_step
+    steps = per_epoch * tr.epochs
+    if tr.max_steps:
+        steps = min(steps, tr.max_steps)
+    tokens_per_step = blocks_per_step * su.cfg.dataset.max_length
+    estimate = _memory_estimate(su)
+    return {
+        "teacher": {"name": su.teacher_name, "parameters": t_params, "layers": models.num_layers(su.teacher),
+                    "hidden_size": models.hidden_size(su.teacher), "task": su.task},
+        "student": {"name": su.student_name, "parameters": s_params, "trainable_parameters": s_train,
+                    "layers": models.num_layers(su.student), "hidden_size": models.hidden_size(su.student),
+                    "init_layers": su.student_layers},
+        "steps": steps, "steps_per_epoch": per_epoch, "tokens_per_step": tokens_per_step,
+        "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
+        "precision": su.precision, "device": str(su.device), "vocab": su.vocab,
+        "estimated_mem_bytes": estimate,
+    }
+
+
+def _memory_estimate(su: DistillSetup) -> int | None:
+    """Training-memory estimate from the estimate module, when it is available."""
+    try:
+        from entrenar_cli.memory import estimate_training
+    except ImportError:
+        return None
+    try:
+        tr = su.cfg.training
+        lora = su.cfg.student.lora
+        student_cfg = su.student.config.to_dict() if not hasattr(su.student, "base_model") else \
+            su.student.base_model.model.config.to_dict()
+        est = estimate_training(
+            student_cfg, method="lora" if lora else "full", rank=lora.rank if lora else 16,
+            target_modules=lora.target_modules if lora else None, batch_size=tr.batch_size,
+            seq_len=su.cfg.dataset.max_length, dtype=su.precision if su.precision != "fp32" else "fp32",
+            gradient_checkpointing=tr.gradient_checkpointing,
+            attention="eager" if su.cfg.distillation.attention.enabled else "sdpa",
+            teacher_config=su.teacher.config.to_dict(),
+        )
+        return int(est.total_bytes)
+    except Exception:  # noqa: BLE001 - an estimate problem must not stop training
+        return None
+
+
+def print_plan(p: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from entrenar_cli.console import out
+    from entrenar_cli.fsutil import human_bytes
+
+    table = Table(title="distillation plan", show_header=True)
+    table.add_column("")
+    table.add_column("teacher", justify="right")
+    table.add_column("student", justify="right")
+    table.add_row("model", p["teacher"]["name"], str(p["student"]["name"]))
+    table.add_row("parameters", f"{p['teacher']['parameters']:,}", f"{p['student']['parameters']:,}")
+    table.add_row("trainable", "0", f"{p['student']['trainable_parameters']:,}")
+    table.add_row("layers / hidden", f"{p['teacher']['layers']} / {p['teacher']['hidden_size']}",
+                  f"{p['student']['layers']} / {p['student']['hidden_size']}")
+    out.print(table)
+    est = p.get("estimated_mem_bytes")
+    out.print(f"steps {p['steps']} ({p['steps_per_epoch']} per epoch), {p['tokens_per_step']:,} tokens per step, "
+              f"{p['train_blocks']} train / {p['eval_blocks']} held-out blocks, precision {p['precision']} on {p['device']}"
+              + (f", estimated training memory {human_bytes(est)}" if est else ""))
+
+
+def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:
+    """Distill; returns the summary (also written to summary.json)."""
+    out = Path(cfg.output.dir)
+    inputs = [Path(p) for p in (cfg.teacher.model_id, cfg.student.model_id or "") if p and Path(p).exists()]
+    prepare_output_dir(out, opts, inputs)
+    from entrenar_cli.data import check_dataset_settings
+
+    if cfg.dataset.path is not None:
+        check_dataset_settings(cfg.dataset.path, None)
+    su = setup(cfg)
+    p = plan(su)
+    if opts.dry_run:
+        print_plan(p)
+        return {"dry_run": True, "plan": p}
+    print_plan(p)
+    check_free_space(out, int(p["student"]["parameters"] * 4 * (cfg.output.save_total_limit * 3 + 1)))
+    baseline_init = copy.deepcopy(su.student) if opts.baseline else None
+    summary = train_and_save(su, out, opts, p)
+    if baseline_init is not None:
+        summary["baseline"] = run_baseline(su, baseline_init, out / "baseline", opts, p)
+        write_summary(out, summary)
+        _print_verdict(summary)
+    report = refresh_report(out)
+    if report:
+        info(f"report: {report}")
+    return summary
+
+
+def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, Any]) -> dict[str, Any]:
+    from entrenar_cli import models
+    from entrenar_cli.trainer import Engine, EngineOptions
+
+    cfg = su.cfg
+    write_resolved_config(out, cfg)
+    if not (opts.resume and (out / "metrics.jsonl").exists()):
+        start_event(out, "distill", cfg)
+    objective = build_objective(su)
+    engine = Engine(cfg.training, su.student, objective, su.train_blocks, su.eval_blocks,
+                    EngineOptions(output_dir=out, run="distill", resume=opts.resume, progress=opts.progress,
+                                  keep_checkpoints=cfg.output.save_total_limit,
+                                  on_eval=lambda r: _on_eval(out, r)),
+                    pad_token_id=su.tokenizer.pad_token_id or 0)
+    before = None
+    if not (opts.resume and engine.state.step == 0 and _has_checkpoint(out)):
+        before = engine.evaluate() if len(su.eval_blocks) else {}
+        if before:
+            info("before training: " + _fmt_eval(before))
+    result = engine.train()
+    student = engine.accelerator.unwrap_model(engine.model)
+    summary = _summary(su, p, result, before, out)
+    if engine.is_main:
+        if result["status"] == "completed":
+            save_outputs(student, su, out)
+            summary["outputs"] = {"model_dir": str(out)}
+            if cfg.student.lora is not None:
+                summary["outputs"]["adapter_dir"] = str(out / "adapter")
+            summary["student"]["size_bytes"] = dir_size(out)
+        write_summary(out, summary)
+        from entrenar_cli.pipeline.common import log_event
+
+        log_event(out, {"event": "end", "time": time.time(), "status": result["status"], "steps": result["steps"]})
+        print_summary(summary)
+    if result["status"] == "interrupted":
+        from entrenar_cli.errors import TrainingError
+
+        raise TrainingError(f"interrupted at step {result['steps']} of {result['total_steps']}: checkpoint saved in "
+                            f"{out / 'checkpoints'}", hint=f"continue with: entrenar distill CONFIG --resume")
+    return summary
+
+
+def _has_checkpoint(out: Path) -> bool:
+    from entrenar_cli.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(out) is not None
+
+
+def _on_eval(out: Path, record: dict[str, Any]) -> None:
+    info(f"eval step {record['step']}: " + _fmt_eval(record))
+    refresh_report(out)
+
+
+def _fmt_eval(m: dict[str, Any]) -> str:
+    parts = []
+    for key, label in (("perplexity", "ppl"), ("kl_to_teacher", "KL"), ("agreement", "agreement"),
+                       ("teacher_perplexity", "teacher ppl"), ("embedding_cosine", "cosine"), ("hidden_mse", "hidden MSE")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.4g}")
+    return ", ".join(parts)
+
+
+def save_outputs(student: Any, su: DistillSetup, out: Path) -> None:
+    """The student as a Hugging Face directory at ``out`` (merged when LoRA), plus the adapter."""
+    from entrenar_cli import models
+
+    if su.cfg.student.lora is not None:
+        models.save_adapter_dir(student, out / "adapter")
+        if not su.cfg.output.merge:
+            return
+    models.save_model_files(student, su.tokenizer, out)
+
+
+def _summary(su: DistillSetup, p: dict[str, Any], result: dict[str, Any], before: dict[str, Any] | None,
+             out: Path) -> dict[str, Any]:
+    ev = result.get("eval") or {}
+    teacher = dict(p["teacher"])
+    if "teacher_perplexity" in ev:
+        teacher["perplexity"] = ev["teacher_perplexity"]
+    student = dict(p["student"])
+    for k in ("perplexity", "kl_to_teacher", "agreement", "embedding_cosine", "hidden_mse"):
+        if k in ev:
+            student[k] = ev[k]
+    summary = {"run": "distill", **{k: result[k] for k in ("status", "steps", "total_steps", "tokens", "elapsed_s",
+                                                           "tokens_per_s", "peak_mem_bytes", "precision", "device",
+                                                           "skipped_steps", "resumed_from")},
+               "estimated_mem_bytes": p.get("estimated_mem_bytes"), "teacher": teacher, "student": student}
+    if before:
+        summary["student_before"] = {k: before[k] for k in ("perplexity", "kl_to_teacher", "agreement",
+                                                            "embedding_cosine") if k in before}
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from entrenar_cli.console import out
+    from entrenar_cli.fsutil import human_bytes
+
+    t, s, b = summary["teacher"], summary["student"], summary.get("student_before", {})
+    table = Table(title=f"distillation {summary['status']}: {summary['steps']} steps, "
+                        f"{summary['tokens_per_s']:.0f} tokens/s, peak memory {human_bytes(summary['peak_mem_bytes'])}")
+    table.add_column("")
+    table.add_column("teacher", justify="right")
+    table.add_column("student before", justify="right")
+    table.add_column("student after", justify="right")
+
+    def f(d: dict[str, Any], k: str, fmt: str = "{:.4g}") -> str:
+        return fmt.format(d[k]) if k in d and d[k] is not None else "-"
+
+    table.add_row("parameters", f(t, "parameters", "{:,}"), "", f(s, "parameters", "{:,}"))
+    table.add_row("held-out perplexity", f(t, "perplexity"), f(b, "perplexity"), f(s, "perplexity"))
+    table.add_row("KL to teacher", "0", f(b, "kl_to_teacher"), f(s, "kl_to_teacher"))
+    table.add_row("top-1 agreement", "1", f(b, "agreement"), f(s, "agreement"))
+    if "embedding_cosine" in s:
+        table.add_row("embedding cosine", "1", f(b, "embedding_cosine"), f(s, "embedding_cosine"))
+    if s.get("size_bytes"):
+        table.add_row("size on disk", "", "", human_bytes(s["size_bytes"]))
+    out.print(table)
+
+
+def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions, p: dict[str, Any]) -> dict[str, Any]:
+    """The same student, initialisation, data and steps, trained with plain cross-entropy."""
+    from entrenar_cli.objectives import LMObjective
+    from entrenar_cli.pipeline.common import log_event
+    from entrenar_cli.trainer import Engine, EngineOptions
+
+    info("baseline: training the same student with cross-entropy only (no teacher)")
+    prepare_output_dir(out, RunOptions(overwrite=True))
+    start_event(out, "baseline", su.cfg)
+    engine = Engine(su.cfg.training, init, LMObjective(su.task, su.vocab, _mlm_info(su)), su.train_blocks,
+                    su.eval_blocks, EngineOptions(output_dir=out, run="baseline", progress=opts.progress),
+                    pad_token_id=su.tokenizer.pad_token_id or 0)
+    result = engine.train()
+    model = engine.accelerator.unwrap_model(engine.model).eval()
+    metrics: dict[str, Any] = {}
+    if len(su.eval_blocks):
+        # evaluated with the distillation metrics (agreement with the teacher) for a like-for-like table
+        import torch
+
+        with torch.no_grad(), engine._autocast():
+            metrics = build_objective(su).evaluate(model, engine.eval_batches())
+    summary = {"run": "baseline", "status": result["status"], "steps": result["steps"],
+               "tokens_per_s": result["tokens_per_s"], "student": {k: v for k, v in metrics.items()}}
+    write_summary(out, summary)
+    log_event(out, {"event": "end", "time": time.time(), "status": result["status"], "steps": result["steps"]})
+    return {k: metrics[k] for k in ("perplexity", "agreement", "kl_to_teacher", "embedding_cosine") if k in metrics}
+
+
+def _print_verdict(summary: dict[str, Any]) -> None:
+    from entrenar_cli.console import out
+
+    try:
+        from entrenar_cli.report import compare_with_baseline
+
+        verdict = compare_with_baseline(summary, {"student": summary["baseline"]})["verdict"]
+    except Exception:  # noqa: BLE001 - fall back to a plain line
+        kd, base = summary["student"].get("perplexity"), summary["baseline"].get("perplexity")
+        if kd is None or base is None:
+            return
+        verdict = (f"KD student {'beats' if kd < base else 'does NOT beat'} the CE-only baseline: "
+                   f"held-out perplexity {kd:.4g} vs {base:.4g} ({kd / base:.2f}x)")
+    out.print(verdict)

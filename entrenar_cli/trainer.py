@@ -1,0 +1,509 @@
+"""The training engine shared by ``distill`` and ``finetune``.
+
+Fine-tuning is distillation without a teacher: both hand the engine a model, data blocks and an
+*objective* that turns a micro-batch into loss sums. The engine owns everything else: devices and
+mixed precision (through accelerate, so the same code runs under ``torchrun``/``accelerate
+launch``), the optimizer and schedule, gradient accumulation with loss normalised once per
+optimizer step over real tokens, clipping, non-finite step handling, evaluation, checkpoints and
+resume, metrics and progress.
+
+The loop reads in run order: ``train()`` -> ``_run_step()`` -> ``objective.loss_terms()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from entrenar_cli.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from entrenar_cli.data import BlockDataset, DistillationCollator, epoch_order
+from entrenar_cli.errors import TrainingError
+
+
+# loss terms averaged per sequence rather than per token
+SEQUENCE_TERMS = {"loss_attn", "loss_seq"}
+
+
+class Objective(Protocol):
+    """What a run optimises. Sums, not means: the engine divides by the step's token count."""
+
+    def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Named loss sums for one micro-batch, including ``loss`` (the weighted total) and
+        ``tokens`` (valid tokens) and ``sequences``; every term is a sum over tokens/sequences."""
+
+    def evaluate(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
+        """Held-out metrics (perplexity, KL to teacher, agreement, ...)."""
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained with the model but not saved with it (e.g. hidden-state projections)."""
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """auto: bf16 where the hardware computes it natively (CUDA Ampere+, CPUs with bf16), else fp32.
+
+    CPUs without native bf16 emulate it and run several times *slower* than fp32, so 'auto' checks.
+    """
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):
+            return "fp32"
+    return "fp32"
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak learning rate at optimizer step ``s`` (0-based).
+
+    1. linear warm-up from 1/(warmup+1) to 1 over ``warmup`` steps;
+    2. then ``constant``, ``linear`` decay to 0, or ``cosine`` decay to 0 at step ``total``.
+    """
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # blocks of this epoch's order already consumed (global, all processes)
+    tokens: int = 0
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+    elapsed_s: float = 0.0
+    scheduler: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineOptions:
+    """Run-level switches that are not part of the YAML's training section."""
+
+    output_dir: Path
+    run: str = "distill"
+    resume: bool = False
+    keep_checkpoints: int = 2
+    on_eval: Callable[[dict[str, Any]], None] | None = None
+    progress: bool = True
+
+
+class Engine:
+    """One training run: ``Engine(...).train()`` returns the summary of what happened."""
+
+    def __init__(self, settings: Any, model: nn.Module, objective: Objective, train_blocks: BlockDataset,
+                 eval_blocks: BlockDataset, options: EngineOptions, *, pad_token_id: int = 0,
+                 accelerator: Any = None):
+        from accelerate import Accelerator
+
+        self.s = settings
+        self.opts = options
+        self.objective = objective
+        self.train_blocks = train_blocks
+        self.eval_blocks = eval_blocks
+        cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()
+                                           and not torch.backends.mps.is_available())
+        self.accelerator = accelerator or Accelerator(cpu=cpu)
+        self.device = self.accelerator.device
+        self.precision = resolve_precision(settings.mixed_precision, self.device)
+        self.autocast_dtype = precision_dtype(self.precision)
+        if self.device.type == "cpu":
+            torch.set_num_threads(settings.num_threads or len(os.sched_getaffinity(0)))
+        self.collator = DistillationCollator(pad_token_id, causal=train_blocks.causal)
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+
+        torch.manual_seed(settings.seed)
+        if settings.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        self.model = model.to(self.device)
+        extra = list(objective.extra_parameters())
+        for p in extra:
+            p.data = p.data.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad] + extra
+        if not params:
+            raise TrainingError("nothing to train: every parameter is frozen")
+        self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                                           betas=(0.9, 0.999), eps=1e-8, foreach=True)
+        self.total_steps = self._plan_steps()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(settings.lr_scheduler, settings.warmup_steps, self.total_steps))
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and self.device.type == "cuda" else None
+        self.state = TrainState()
+        self.metrics_path = options.output_dir / "metrics.jsonl"
+        self._stop_signal: int | None = None
+
+    # ---- plan -----------------------------------------------------------------------------
+
+    @property
+    def blocks_per_step(self) -> int:
+        """Blocks consumed per optimizer step over all processes."""
+        return self.s.batch_size * self.s.gradient_accumulation * self.world
+
+    def steps_per_epoch(self) -> int:
+        return len(self.train_blocks) // self.blocks_per_step
+
+    def _plan_steps(self) -> int:
+        per_epoch = self.steps_per_epoch()
+        if per_epoch == 0:
+            raise TrainingError(
+                f"the training split has {len(self.train_blocks)} blocks, fewer than one optimizer step needs "
+                f"({self.blocks_per_step} = batch_size x gradient_accumulation x processes)",
+                hint="add data, or lower training.batch_size, gradient_accumulation or dataset.max_length",
+            )
+        total = per_epoch * self.s.epochs
+        return min(total, self.s.max_steps) if self.s.max_steps else total
+
+    # ---- data -----------------------------------------------------------------------------
+
+    def _step_batches(self) -> list[dict[str, Tensor]]:
+        """This process's micro-batches for the next optimizer step (advances the data position)."""
+        per_epoch_blocks = self.steps_per_epoch() * self.blocks_per_step
+        if self.state.position >= per_epoch_blocks:
+            self.state.epoch += 1
+            self.state.position = 0
+        order = epoch_order(len(self.train_blocks), self.s.seed, self.state.epoch)
+        start = self.state.position
+        step_ids = order[start : start + self.blocks_per_step]
+        self.state.position += self.blocks_per_step
+        mine = step_ids[self.rank :: self.world]  # interleaved shard: process r takes every world-th block
+        batches = []
+        for i in range(0, len(mine), self.s.batch_size):
+            blocks = [self.train_blocks.block(int(j)) for j in mine[i : i + self.s.batch_size]]
+            batches.append(self._to_device(self.collator.collate(blocks)))
+        return batches
+
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def eval_batches(self) -> list[dict[str, Tensor]]:
+        """The fixed held-out batches (the same every evaluation)."""
+        n = min(len(self.eval_blocks), self.s.eval_batches * self.s.batch_size)
+        out = []
+        for i in range(0, n, self.s.batch_size):
+            blocks = [self.eval_blocks.block(j) for j in range(i, min(n, i + self.s.batch_size))]
+            out.append(self._to_device(self.collator.collate(blocks)))
+        return out
+
+    # ---- one optimizer step ---------------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        if self.precision in ("bf16", "fp16"):
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _run_step(self) -> dict[str, Tensor]:
+        """Forward/backward over the step's micro-batches; loss normalised by the step's tokens."""
+        batches = self._step_batches()
+        n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        n_seqs = sum(int(b["input_ids"].shape[0]) for b in batches)
+        counts = torch.tensor([n_tokens, n_seqs], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        # DDP averages gradients over processes; scaling by world makes the result the global mean
+        tok_norm = self.world / max(1.0, float(counts[0]))
+        seq_norm = self.world / max(1.0, float(counts[1]))
+        logged: dict[str, Tensor] = {}
+        self.model.train()
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = self.accelerator.no_sync(self.model) if (not last and self.world > 1) else _null()
+            with sync:
+                with self._autocast():
+                    terms = self.objective.loss_terms(self.model, batch)
+                loss = terms["loss"] * tok_norm + terms.get("loss_seq", 0.0) * seq_norm
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    self.accelerator.backward(loss)
+            for k, v in terms.items():
+                logged[k] = logged.get(k, 0.0) + v.detach()
+            logged["sequences"] = logged.get("sequences", 0.0) + batch["input_ids"].shape[0]
+        return logged
+
+    def _optimizer_step(self) -> float:
+        """Clip, check for non-finite gradients, step; returns the gradient norm (inf if skipped)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = self.s.max_grad_norm if self.s.max_grad_norm else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm_value = float(norm)  # the one sync per step: decides skip vs step
+        if not math.isfinite(norm_value):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()
+            return float("inf")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm_value
+
+    # ---- evaluation -----------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            metrics = self.objective.evaluate(self.accelerator.unwrap_model(self.model), self.eval_batches())
+        return metrics
+
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        model = self.accelerator.unwrap_model(self.model)
+        out = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+        for i, p in enumerate(self.objective.extra_parameters()):
+            out[f"extra.{i}"] = p
+        return out
+
+    def save_checkpoint(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return None
+        self.state.scheduler = self.scheduler.state_dict()
+        state = dict(vars(self.state))
+        state["total_steps"] = self.total_steps
+        state["world"] = self.world
+        return save_checkpoint(self.opts.output_dir, self.state.step, self.trainable_state(), self.optimizer,
+                               state, keep=self.opts.keep_checkpoints)
+
+    def resume(self) -> bool:
+        ckpt = latest_checkpoint(self.opts.output_dir)
+        if ckpt is None:
+            return False
+        trainable, opt_state, rng, state = load_checkpoint(ckpt)
+        current = self.trainable_state()
+        if set(trainable) != set(current):
+            raise TrainingError(f"{ckpt} does not match this run's trainable parameters",
+                                hint="resume with the same config, or use --overwrite to start again")
+        with torch.no_grad():
+            for k, v in trainable.items():
+                current[k].copy_(v.to(current[k].device))
+        self.optimizer.load_state_dict(opt_state)
+        restore_rng(rng)
+        sched = state.pop("scheduler", {})
+        for key in ("total_steps", "world"):
+            state.pop(key, None)
+        self.state = TrainState(**state)
+        if sched:
+            self.scheduler.load_state_dict(sched)
+        return True
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        import json
+
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def train(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Run until ``total_steps``; returns {status, steps, tokens, elapsed_s, tokens_per_s, eval}."""
+        s = self.s
+        if self.opts.resume and self.resume():
+            resumed_from = self.state.step
+        else:
+            resumed_from = None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def _stop(signum: int, _frame: Any) -> None:
+            self._stop_signal = signum
+
+        for sig in previous:
+            signal.signal(sig, _stop)
+        last_eval: dict[str, float] = {}
+        t_start = time.perf_counter() - self.state.elapsed_s
+        window_t, window_tokens = time.perf_counter(), 0
+        acc: dict[str, Tensor] = {}
+        status = "completed"
+        progress = _Progress(self.total_steps, enabled=self.opts.progress and self.is_main, start=self.state.step)
+        try:
+            while self.state.step < self.total_steps:
+                if self._stop_signal is not None:
+                    status = "interrupted"
+                    break
+                logged = self._run_step()
+                norm = self._optimizer_step()
+                self.scheduler.step()
+                self.state.step += 1
+                if not math.isfinite(norm):
+                    self.state.skipped_steps += 1
+                    self.state.bad_in_row += 1
+                    if self.state.bad_in_row >= s.max_bad_steps:
+                        status = "failed"
+                        raise TrainingError(
+                            f"{self.state.bad_in_row} optimizer steps in a row had non-finite loss or gradients "
+                            f"(step {self.state.step})",
+                            hint="lower training.learning_rate; with fp16 try bf16 or fp32 "
+                            "(training.mixed_precision); the last good checkpoint is kept",
+                        )
+                    continue
+                self.state.bad_in_row = 0
+                for k, v in logged.items():
+                    acc[k] = acc.get(k, 0.0) + v
+                step_tokens = int(logged["tokens"]) * self.world
+                self.state.tokens += step_tokens
+                window_tokens += step_tokens
+                progress.advance(self.state.step)
+                if self.state.step % s.logging_steps == 0 or self.state.step == self.total_steps:
+                    now = time.perf_counter()
+                    tokens = max(1.0, float(acc.pop("tokens")))
+                    seqs = max(1.0, float(acc.pop("sequences")))
+                    record: dict[str, Any] = {"event": "train", "step": self.state.step,
+                                              "epoch": round(self.state.step / max(1, self.steps_per_epoch()), 4),
+                                              "tokens": self.state.tokens, "lr": self.scheduler.get_last_lr()[0]}
+                    # terms are sums: attention transfer is per sequence, everything else per token
+                    for k, v in sorted(acc.items()):
+                        if k.startswith("loss") and k != "loss_seq":
+                            record[k] = float(v) / (seqs if k in SEQUENCE_TERMS else tokens)
+                    if "loss_seq" in acc:
+                        record["loss"] = record.get("loss", 0.0) + float(acc["loss_seq"]) / seqs
+                    record["grad_norm"] = norm
+                    record["tokens_per_s"] = window_tokens / max(1e-9, now - window_t)
+                    record["peak_mem_bytes"] = peak_memory_bytes(self.device)
+                    record["elapsed_s"] = now - t_start
+                    record["skipped_steps"] = self.state.skipped_steps
+                    self.log(record)
+                    progress.show(record)
+                    if on_log:
+                        on_log(record)
+                    acc = {}
+                    window_t, window_tokens = time.perf_counter(), 0
+                if s.eval_steps and self.state.step % s.eval_steps == 0 and self.state.step < self.total_steps:
+                    last_eval = self._eval_and_log()
+                if s.save_steps and self.state.step % s.save_steps == 0 and self.state.step < self.total_steps:
+                    self.state.elapsed_s = time.perf_counter() - t_start
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.state.elapsed_s = time.perf_counter() - t_start
+            if status == "interrupted" and self.state.step > 0:
+                self.save_checkpoint()  # so that --resume continues exactly here
+        if status == "completed":
+            last_eval = self._eval_and_log()
+        elapsed = self.state.elapsed_s
+        run_tokens = self.state.tokens
+        return {
+            "status": status,
+            "signal": self._stop_signal,
+            "steps": self.state.step,
+            "total_steps": self.total_steps,
+            "resumed_from": resumed_from,
+            "tokens": run_tokens,
+            "elapsed_s": elapsed,
+            "tokens_per_s": run_tokens / max(1e-9, elapsed),
+            "skipped_steps": self.state.skipped_steps,
+            "peak_mem_bytes": peak_memory_bytes(self.device),
+            "precision": self.precision,
+            "device": str(self.device),
+            "eval": last_eval,
+        }
+
+    def _eval_and_log(self) -> dict[str, float]:
+        if len(self.eval_blocks) == 0:
+            return {}
+        metrics = self.evaluate()
+        record = {"event": "eval", "step": self.state.step, **metrics}
+        self.log(record)
+        if self.opts.on_eval and self.is_main:
+            self.opts.on_eval(record)
+        return metrics
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss * (1 if sys.platform == "darwin" else 1024))
+    except (ImportError, OSError):
+        return 0
+
+
+class _Progress:
+    """A rich progress bar on a terminal; a plain line per log interval otherwise (CI logs)."""
+
+    def __init__(self, total: int, *, enabled: bool, start: int = 0):
+        from entrenar_cli.console import err
+
+        self.enabled = enabled
+        self.total = total
+        self.live = enabled and err.is_terminal
+        self.bar = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
+
+    def show(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        terms = " ".join(f"{k}={record[k]:.4f}" for k in sorted(record) if k.startswith("loss"))
+        info = f"{terms} lr={record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+        if self.bar is not None:
+            self.bar.update(self.task, info=info)
+        else:
+            from entrenar_cli.console import err
+
+            err.print(f"step {record['step']}/{self.total} {info}", markup=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
