@@ -162,6 +162,7 @@ class Engine:
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and self.device.type == "cuda" else None
         self.state = TrainState()
+        options.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = options.output_dir / "metrics.jsonl"
         self._stop_signal: int | None = None
 

@@ -1,0 +1,179 @@
+"""The distillation engine end to end on tiny real models (random weights, real tokenizer, real text)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from entrenar_cli.config import DistillationYamlConfig, validate_text
+from entrenar_cli.errors import ConfigError, ModelError
+from entrenar_cli.pipeline.common import RunOptions
+
+
+def distill_config(teacher: Path, data: Path, out: Path, extra: str = "", **training: Any) -> DistillationYamlConfig:
+    train = {"max_steps": 12, "batch_size": 4, "learning_rate": 3e-3, "logging_steps": 1, "seed": 7} | training
+    text = (
+        f"teacher:\n  model_id: {teacher}\n"
+        f"student:\n  init_from_teacher: 2\n"
+        f"training:\n" + "".join(f"  {k}: {v}\n" for k, v in train.items()) +
+        f"dataset:\n  path: {data}\n  max_length: 32\n  eval_fraction: 0.2\n"
+        f"output:\n  dir: {out}\n" + extra
+    )
+    return validate_text(text, DistillationYamlConfig, "test.yaml")  # type: ignore[return-value]
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_student_from_teacher_copies_layers(tiny_llama: Path) -> None:
+    from entrenar_cli import models
+
+    loc = models.locate(str(tiny_llama))
+    teacher = models.load_model(loc)
+    student = models.student_from_teacher(teacher, [0, 3])
+    assert student.config.num_hidden_layers == 2
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["model.layers.1.mlp.up_proj.weight"], t["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
+    assert models.spread_layers(30, 6) == [0, 6, 12, 17, 23, 29]
+    with pytest.raises(ConfigError, match="out of range"):
+        models.student_from_teacher(teacher, [0, 9])
+
+
+def test_distill_tiny_llama_loss_falls_and_output_loads(trained_tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from entrenar_cli.pipeline.distill import run
+
+    out = tmp_path / "out"
+    cfg = distill_config(trained_tiny_llama, stdlib_text, out, max_steps=30, eval_steps=15)
+    summary = run(cfg, RunOptions(progress=False))
+    assert summary["status"] == "completed" and summary["steps"] == 30
+    train = [m for m in read_metrics(out) if m["event"] == "train"]
+    first = sum(m["loss"] for m in train[:5]) / 5
+    last = sum(m["loss"] for m in train[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert summary["student"]["kl_to_teacher"] < summary["student_before"]["kl_to_teacher"]
+    assert summary["student"]["perplexity"] < summary["student_before"]["perplexity"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    ids = tok("import json\n", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == 512
+    for name in ("summary.json", "resolved_config.yaml", "metrics.jsonl", "model.safetensors", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert read_metrics(out)[0]["event"] == "start" and read_metrics(out)[-1]["event"] == "end"
+
+
+def _engine(cfg: DistillationYamlConfig, **opts: Any) -> Any:
+    from entrenar_cli.pipeline.distill import build_objective, setup
+    from entrenar_cli.trainer import Engine, EngineOptions
+
+    su = setup(cfg)
+    return Engine(cfg.training, su.student, build_objective(su), su.train_blocks, su.eval_blocks,
+                  EngineOptions(output_dir=Path(cfg.output.dir), progress=False, **opts))
+
+
+def _grads(engine: Any) -> dict[str, torch.Tensor]:
+    engine._run_step()
+    return {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_accumulation_equivalence(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    extra = "distillation:\n  alpha: 0.5\n  temperature: 2.0\n  progressive:\n    enabled: true\n    layer_mapping: [[0, 1], [1, 3]]\n"
+    one = _grads(_engine(distill_config(tiny_llama, stdlib_text, tmp_path / "a", extra, batch_size=8)))
+    two = _grads(_engine(distill_config(tiny_llama, stdlib_text, tmp_path / "b", extra, batch_size=4,
+                                        gradient_accumulation=2)))
+    assert one.keys() == two.keys() and len(one) > 5
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_resume_equals_straight_run(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    from entrenar_cli.pipeline.distill import run
+
+    straight = tmp_path / "straight"
+    run(distill_config(tiny_llama, stdlib_text, straight, max_steps=20, save_steps=10), RunOptions(progress=False))
+
+    # stop after step 10 exactly as a SIGTERM would, then resume
+    resumed = tmp_path / "resumed"
+    cfg = distill_config(tiny_llama, stdlib_text, resumed, max_steps=20, save_steps=10)
+    engine = _engine(cfg)
+    engine.train(on_log=lambda r: setattr(engine, "_stop_signal", signal.SIGTERM) if r["step"] == 10 else None)
+    assert engine.state.step == 10
+    run(cfg, RunOptions(progress=False, resume=True))
+
+    a, b = _final_weights(straight), _final_weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    la = {m["step"]: m["loss"] for m in read_metrics(straight) if m["event"] == "train"}
+    lb = {m["step"]: m["loss"] for m in read_metrics(resumed) if m["event"] == "train"}
+    for step in range(11, 21):
+        assert la[step] == pytest.approx(lb[step], abs=1e-6)
+
+
+def test_same_seed_same_curve_and_attention_transfer(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    from entrenar_cli.pipeline.distill import run
+
+    extra = "distillation:\n  attention:\n    enabled: true\n    weight: 0.5\n"
+    curves = []
+    for name in ("x", "y"):
+        out = tmp_path / name
+        run(distill_config(tiny_llama, stdlib_text, out, extra, max_steps=5), RunOptions(progress=False))
+        curves.append([(m["loss"], m["loss_attn"]) for m in read_metrics(out) if m["event"] == "train"])
+    assert curves[0] == curves[1]
+    assert all(attn > 0 for _, attn in curves[0])
+
+
+def test_refuses_nonempty_output_and_bad_mapping(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    from entrenar_cli.errors import UsageError
+    from entrenar_cli.pipeline.distill import run
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(UsageError, match="not empty"):
+        run(distill_config(tiny_llama, stdlib_text, out), RunOptions(progress=False))
+    extra = "distillation:\n  progressive:\n    enabled: true\n    layer_mapping: [[0, 9]]\n"
+    with pytest.raises(ConfigError, match="teacher layer 9"):
+        run(distill_config(tiny_llama, stdlib_text, tmp_path / "m", extra), RunOptions(progress=False))
+
+
+def test_vocabulary_mismatch_is_an_error(tiny_llama: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from entrenar_cli import models
+
+    teacher = models.load_model(models.locate(str(tiny_llama)))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    other = AutoTokenizer.from_pretrained(tiny_llama)
+    other.add_tokens(["<brand-new-token>"])
+    with pytest.raises(ModelError, match="tokenizers differ"):
+        models.check_vocab(tok, other, teacher, teacher)
+    # same tokens, a larger (padded) student embedding: sliced, with a note
+    student = models.student_from_teacher(teacher, [0])
+    student.resize_token_embeddings(520)
+    vocab, note = models.check_vocab(tok, tok, teacher, student)
+    assert vocab == 512 and note and "padding rows" in note
+
+
+def test_dry_run_prints_plan_without_training(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    from entrenar_cli.pipeline.distill import run
+
+    out = tmp_path / "dry"
+    result = run(distill_config(tiny_llama, stdlib_text, out), RunOptions(dry_run=True, progress=False))
+    assert result["dry_run"] and result["plan"]["student"]["layers"] == 2 and result["plan"]["steps"] == 12
+    assert not (out / "metrics.jsonl").exists()
