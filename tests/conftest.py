@@ -115,3 +115,9 @@ def trained_tiny_llama(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Pat
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def stdlib_text_other(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Different real text (the stdlib's email package): a new domain for fine-tuning tests."""
+    return _stdlib_text_dir(tmp_path_factory.mktemp("data-other"), "email")
