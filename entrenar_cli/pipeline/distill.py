@@ -84,6 +84,7 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     t_src = cfg.teacher
     t_loc = models.locate(t_src.model_id, revision=t_src.revision, fmt=t_src.format, gguf_file=t_src.gguf_file,
                           allow_pickle=t_src.allow_pickle)
+    t_loc = models.materialize_gguf(t_loc)
     need_eager = cfg.distillation.attention.enabled
     tokenizer = models.load_tokenizer(t_loc, t_src.trust_remote_code)
     t_config = models.read_config(t_loc)
@@ -381,9 +382,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         return fmt.format(d[k]) if k in d and d[k] is not None else "-"
 
     table.add_row("parameters", f(t, "parameters", "{:,}"), "", f(s, "parameters", "{:,}"))
-    table.add_row("held-out perplexity", f(t, "perplexity"), f(b, "perplexity"), f(s, "perplexity"))
-    table.add_row("KL to teacher", "0", f(b, "kl_to_teacher"), f(s, "kl_to_teacher"))
-    table.add_row("top-1 agreement", "1", f(b, "agreement"), f(s, "agreement"))
+    if "perplexity" in s:  # models with logits (encoders without a head have none)
+        table.add_row("held-out perplexity", f(t, "perplexity"), f(b, "perplexity"), f(s, "perplexity"))
+        table.add_row("KL to teacher", "0", f(b, "kl_to_teacher"), f(s, "kl_to_teacher"))
+        table.add_row("top-1 agreement", "1", f(b, "agreement"), f(s, "agreement"))
     if "embedding_cosine" in s:
         table.add_row("embedding cosine", "1", f(b, "embedding_cosine"), f(s, "embedding_cosine"))
     if s.get("size_bytes"):
