@@ -94,7 +94,7 @@ class DistillObjective:
 
     def __init__(self, teacher: nn.Module, settings: Any, *, task: str, vocab: int,
                  student_dim: int, teacher_dim: int, mlm_info: dict[str, int] | None = None,
-                 teacher_outputs: Any = None):
+                 cache: Any = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.s = settings
         self.task = task
@@ -108,8 +108,8 @@ class DistillObjective:
             if self.need_hidden else None
         )
         self.attention = AttentionTransfer(settings.attention.layer_mapping) if self.need_attn else None
-        # optional precomputed teacher outputs (the teacher cache), keyed by batch
-        self.teacher_outputs = teacher_outputs
+        # optional precomputed teacher outputs (entrenar_cli.teacher_cache.TeacherCache)
+        self.cache = cache
         self._teacher_eval: dict[str, float] | None = None
 
     def extra_parameters(self) -> list[nn.Parameter]:
@@ -127,19 +127,42 @@ class DistillObjective:
         # no_grad, not inference_mode: the teacher's outputs enter the student's loss as constants
         return self.teacher(**_forward_kwargs(batch, self.need_hidden, self.need_attn))
 
+    def _cached_teacher(self, batch: dict[str, Tensor]) -> tuple[Any, Any, Any]:
+        """(top-k triple, hidden blocks, attention maps) from the cache, filling it on a miss."""
+        ids = batch["block_ids"].tolist()
+        missing = [b for b in ids if b not in self.cache]
+        if missing:
+            self.cache.misses += len(missing)
+            self.cache.hits += len(ids) - len(missing)
+            self.cache.put(ids, self.cache.compress(self._teacher(batch), _block_outputs))
+        else:
+            self.cache.hits += len(ids)
+        got = self.cache.get(ids, batch["input_ids"].device)
+        topk = (got["vals"], got["idx"], got["tail"])
+        hidden = {j: got[f"h{j}"] for j in self.cache.hidden_layers}
+        attn = {j: got[f"a{j}"].unsqueeze(1) for j in self.cache.attn_layers}
+        return topk, hidden, attn
+
     def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         batch = self._prepare(batch)
-        t_out = self._teacher(batch)
+        if self.cache is not None and "block_ids" in batch:
+            topk, t_hidden, t_attn = self._cached_teacher(batch)
+            t_logits = None
+        else:
+            t_out = self._teacher(batch)
+            topk = None
+            t_logits = t_out.logits[..., : self.vocab] if self.use_logits else None
+            t_hidden = _block_outputs(t_out.hidden_states) if self.need_hidden else None
+            t_attn = t_out.attentions if self.need_attn else None
         s_out = model(**_forward_kwargs(batch, self.need_hidden, self.need_attn))
         mask = batch["attention_mask"].float()
         out: dict[str, Tensor] = {}
         loss = torch.zeros((), device=mask.device)
         if self.use_logits:
             s_logits = s_out.logits[..., : self.vocab]
-            t_logits = t_out.logits[..., : self.vocab]
             need_soft = self.s.alpha > 0
             terms = kd_terms(s_logits, t_logits, batch["labels"], temperature=self.s.temperature,
-                             kind=self.s.kd_loss, need_soft=need_soft, need_hard=True)
+                             kind=self.s.kd_loss, need_soft=need_soft, need_hard=True, teacher_topk=topk)
             loss = loss + terms.total(self.s.alpha)
             if need_soft:
                 out["loss_kd"] = terms.soft
@@ -148,13 +171,12 @@ class DistillObjective:
         else:
             out["tokens"] = mask.sum()
         if self.progressive is not None:
-            hidden = self.progressive.sum_loss(_block_outputs(s_out.hidden_states),
-                                               _block_outputs(t_out.hidden_states), mask)
+            hidden = self.progressive.sum_loss(_block_outputs(s_out.hidden_states), t_hidden, mask)
             loss = loss + self.s.progressive.weight * hidden
             out["loss_hidden"] = hidden
         out["loss"] = loss
         if self.attention is not None:
-            attn = self.attention.sum_loss(s_out.attentions, t_out.attentions, mask)
+            attn = self.attention.sum_loss(s_out.attentions, t_attn, mask)
             out["loss_attn"] = attn
             out["loss_seq"] = self.s.attention.weight * attn
         return out

@@ -202,8 +202,10 @@ class Engine:
         mine = step_ids[self.rank :: self.world]  # interleaved shard: process r takes every world-th block
         batches = []
         for i in range(0, len(mine), self.s.batch_size):
-            blocks = [self.train_blocks.block(int(j)) for j in mine[i : i + self.s.batch_size]]
-            batches.append(self._to_device(self.collator.collate(blocks)))
+            ids = [int(j) for j in mine[i : i + self.s.batch_size]]
+            batch = self.collator.collate([self.train_blocks.block(j) for j in ids])
+            batch["block_ids"] = torch.tensor(ids)  # lets the objective find cached teacher outputs
+            batches.append(self._to_device(batch))
         return batches
 
     def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

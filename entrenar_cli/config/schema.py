@@ -195,6 +195,12 @@ class DistillationSettings(Section):
     attention: AttentionSettings = Field(default_factory=AttentionSettings)
     teacher_cache: TeacherCacheSettings = Field(default_factory=TeacherCacheSettings)
 
+    @model_validator(mode="after")
+    def _cache_needs_forward_kl(self) -> "DistillationSettings":
+        if self.teacher_cache.enabled and self.kd_loss != "forward_kl":
+            raise ValueError("teacher_cache stores top-k teacher logits, which supports kd_loss: forward_kl only")
+        return self
+
 
 class TrainingSettings(Section):
     """The optimisation loop shared by distill and finetune."""

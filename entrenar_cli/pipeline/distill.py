@@ -44,6 +44,7 @@ class DistillSetup:
     teacher_name: str
     student_name: str
     student_layers: list[int] | None
+    teacher_dir: Path
 
 
 def _precision_and_device(settings: Any) -> tuple[str, Any]:
@@ -151,16 +152,43 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     train_blocks, eval_blocks = load_blocks(cfg.dataset, tokenizer, causal=(task == "causal"))
     info(f"data: {len(train_blocks)} training blocks, {len(eval_blocks)} held-out blocks of {cfg.dataset.max_length} tokens")
     return DistillSetup(cfg, teacher, student, tokenizer, task, vocab, train_blocks, eval_blocks, precision, device,
-                        t_src.model_id, student_name, layers)
+                        t_src.model_id, student_name, layers, t_loc.path)
 
 
-def build_objective(su: DistillSetup) -> Any:
+def build_objective(su: DistillSetup, cache: Any = None) -> Any:
     from entrenar_cli import models
     from entrenar_cli.objectives import DistillObjective
 
     return DistillObjective(su.teacher, su.cfg.distillation, task=su.task, vocab=su.vocab,
                             student_dim=models.hidden_size(su.student), teacher_dim=models.hidden_size(su.teacher),
-                            mlm_info=_mlm_info(su))
+                            mlm_info=_mlm_info(su), cache=cache)
+
+
+def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
+    """The teacher cache of this run, or None when it is off."""
+    settings = su.cfg.distillation.teacher_cache
+    if not settings.enabled:
+        return None
+    if su.task == "masked":
+        raise ConfigError("distillation.teacher_cache: masked-LM distillation masks tokens at random each step, "
+                          "so teacher outputs cannot be reused", hint="turn the cache off for encoders with an MLM head")
+    from entrenar_cli.data import tokenizer_fingerprint
+    from entrenar_cli.teacher_cache import TeacherCache, data_fingerprint, weights_fingerprint
+
+    dist = su.cfg.distillation
+    hidden = sorted({t for _, t in dist.progressive.layer_mapping}) if dist.progressive.enabled else []
+    attn = sorted({t for _, t in dist.attention.layer_mapping or []}) if dist.attention.enabled else []
+    manifest = {
+        "teacher": su.teacher_name, "weights": weights_fingerprint(su.teacher_dir),
+        "tokenizer": tokenizer_fingerprint(su.tokenizer),
+        "data": data_fingerprint(su.train_blocks.store.tokens, su.cfg.dataset.max_length),
+        "max_length": su.cfg.dataset.max_length, "top_k": settings.top_k, "vocab": su.vocab,
+        "hidden_layers": hidden, "attention_layers": attn,
+    }
+    directory = Path(settings.dir) if settings.dir else out / "teacher-cache"
+    cache = TeacherCache(directory, manifest, settings.top_k, hidden, attn)
+    info(f"teacher cache {directory}: {len(cache._index)} blocks cached")
+    return cache
 
 
 def _mlm_info(su: DistillSetup) -> dict[str, int] | None:
@@ -279,7 +307,8 @@ def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, A
     write_resolved_config(out, cfg)
     if not (opts.resume and (out / "metrics.jsonl").exists()):
         start_event(out, "distill", cfg)
-    objective = build_objective(su)
+    cache = open_teacher_cache(su, out)
+    objective = build_objective(su, cache)
     engine = Engine(cfg.training, su.student, objective, su.train_blocks, su.eval_blocks,
                     EngineOptions(output_dir=out, run="distill", resume=opts.resume, progress=opts.progress,
                                   keep_checkpoints=cfg.output.save_total_limit,
@@ -293,6 +322,10 @@ def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, A
     result = engine.train()
     student = engine.accelerator.unwrap_model(engine.model)
     summary = _summary(su, p, result, before, out)
+    if cache is not None:
+        summary["teacher_cache"] = {"dir": str(cache.dir), "hit_rate": cache.hit_rate, "hits": cache.hits,
+                                    "misses": cache.misses, "size_bytes": cache.size_bytes}
+        info(f"teacher cache: hit rate {100 * cache.hit_rate:.1f}%, {cache.size_bytes / 2**20:.1f} MiB")
     if engine.is_main:
         if result["status"] == "completed":
             save_outputs(student, su, out)
