@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -260,3 +261,61 @@ class AttentionTransfer(nn.Module):
         if mask is None:
             mask = torch.ones((a0.shape[0], a0.shape[-1]), device=a0.device)
         return self._weight * self.sum_loss(student_attn, teacher_attn, mask) / a0.shape[0]
+
+
+class _FusedForwardKD(torch.autograd.Function):
+    """alpha*T^2*KL(t||s) + (1-alpha)*CE summed over rows, with the gradient computed in forward.
+
+    The gradient of the soft term w.r.t. student logits is ``T * (softmax(s/T) - softmax(t/T))`` and
+    of CE ``softmax(s) - onehot(y)``: computing it chunk by chunk during the forward pass keeps one
+    ``(tokens x vocab)`` buffer instead of autograd's saved softmaxes, and backward is one multiply.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s_logits: Tensor, t_logits: Tensor, labels: Tensor, temperature: float,  # type: ignore[override]
+                alpha: float, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+        n, vocab = s_logits.shape
+        grad = torch.empty((n, vocab), dtype=torch.float32, device=s_logits.device)
+        soft = torch.zeros((), dtype=torch.float32, device=s_logits.device)
+        hard = torch.zeros((), dtype=torch.float32, device=s_logits.device)
+        T = temperature
+        for start in range(0, n, chunk):
+            sl = slice(start, start + chunk)
+            s = s_logits[sl].float()
+            y = labels[sl]
+            s_logp = F.log_softmax(s / T, dim=-1)
+            t_logp = F.log_softmax(t_logits[sl].float()[:, :vocab] / T, dim=-1)
+            p_t = t_logp.exp()
+            soft += (T * T) * (p_t * (t_logp - s_logp)).sum()
+            p_s = s_logp.exp()
+            g = grad[sl]
+            torch.sub(p_s, p_t, out=g)
+            g.mul_(alpha * T)
+            if T != 1.0:
+                s_logp = F.log_softmax(s, dim=-1)
+                p_s = s_logp.exp()
+            hard -= s_logp.gather(-1, y.unsqueeze(-1)).sum()
+            g.add_(p_s, alpha=1.0 - alpha)
+            g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(y, -(1.0 - alpha), dtype=torch.float32).unsqueeze(-1))
+        ctx.save_for_backward(grad)
+        ctx.input_dtype = s_logits.dtype
+        total = alpha * soft + (1.0 - alpha) * hard
+        ctx.mark_non_differentiable(soft, hard)
+        return total, soft, hard
+
+    @staticmethod
+    def backward(ctx: Any, g_total: Tensor, _g_soft: Tensor, _g_hard: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (grad * g_total).to(ctx.input_dtype), None, None, None, None, None
+
+
+def fused_forward_kd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, temperature: float,
+                     alpha: float, chunk_tokens: int = KD_CHUNK_TOKENS) -> tuple[Tensor, KDTerms]:
+    """(weighted total sum with gradient, detached terms) for forward-KL KD over valid tokens."""
+    vocab = student_logits.shape[-1]
+    y = labels.reshape(-1)
+    valid = (y != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+    s = student_logits.reshape(-1, vocab).index_select(0, valid)
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1]).index_select(0, valid)
+    total, soft, hard = _FusedForwardKD.apply(s, t, y.index_select(0, valid), temperature, alpha, chunk_tokens)
+    return total, KDTerms(soft=soft, hard=hard, count=torch.tensor(float(valid.numel()), device=s.device))

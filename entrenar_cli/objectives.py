@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from entrenar_cli.losses import IGNORE_INDEX, AttentionTransfer, ProgressiveDistillation, kd_terms
+from entrenar_cli.losses import IGNORE_INDEX, AttentionTransfer, ProgressiveDistillation, fused_forward_kd, kd_terms
 
 MLM_PROBABILITY = 0.15
 
@@ -161,9 +161,15 @@ class DistillObjective:
         if self.use_logits:
             s_logits = s_out.logits[..., : self.vocab]
             need_soft = self.s.alpha > 0
-            terms = kd_terms(s_logits, t_logits, batch["labels"], temperature=self.s.temperature,
-                             kind=self.s.kd_loss, need_soft=need_soft, need_hard=True, teacher_topk=topk)
-            loss = loss + terms.total(self.s.alpha)
+            if need_soft and topk is None and self.s.kd_loss == "forward_kl":
+                # the default path: fused loss+gradient, one (tokens x vocab) buffer (see losses.py)
+                total, terms = fused_forward_kd(s_logits, t_logits, batch["labels"],
+                                                temperature=self.s.temperature, alpha=self.s.alpha)
+            else:
+                terms = kd_terms(s_logits, t_logits, batch["labels"], temperature=self.s.temperature,
+                                 kind=self.s.kd_loss, need_soft=need_soft, need_hard=True, teacher_topk=topk)
+                total = terms.total(self.s.alpha)
+            loss = loss + total
             if need_soft:
                 out["loss_kd"] = terms.soft
             out["loss_ce"] = terms.hard

@@ -177,3 +177,41 @@ def test_dry_run_prints_plan_without_training(tiny_llama: Path, stdlib_text: Pat
     result = run(distill_config(tiny_llama, stdlib_text, out), RunOptions(dry_run=True, progress=False))
     assert result["dry_run"] and result["plan"]["student"]["layers"] == 2 and result["plan"]["steps"] == 12
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_teacher_cache_fills_then_serves_and_refuses_mismatch(trained_tiny_llama: Path, stdlib_text: Path,
+                                                              tmp_path: Path) -> None:
+    from entrenar_cli.pipeline.distill import run
+
+    cache = tmp_path / "tcache"
+    extra = (f"distillation:\n  alpha: 0.5\n  progressive:\n    enabled: true\n    layer_mapping: [[1, 3]]\n"
+             f"  teacher_cache:\n    enabled: true\n    top_k: 32\n    dir: {cache}\n")
+    cfg = distill_config(trained_tiny_llama, stdlib_text, tmp_path / "a", extra, max_steps=6, batch_size=4)
+    cfg.dataset.max_blocks = 12  # 3 steps per epoch: epoch 2 is served from the cache
+    cfg.training.max_steps = None
+    cfg.training.epochs = 2
+    first = run(cfg, RunOptions(progress=False))
+    assert first["teacher_cache"]["hit_rate"] == pytest.approx(0.5)
+    assert first["teacher_cache"]["size_bytes"] > 0
+    assert (cache / "manifest.json").is_file()
+    cfg.output.dir = str(tmp_path / "b")  # a later run reuses every block
+    second = run(cfg, RunOptions(progress=False))
+    assert second["teacher_cache"]["hit_rate"] == pytest.approx(1.0)
+    curve = [m["loss_kd"] for m in read_metrics(tmp_path / "b") if m["event"] == "train"]
+    assert curve == [m["loss_kd"] for m in read_metrics(tmp_path / "a") if m["event"] == "train"][: len(curve)]
+    cfg.distillation.teacher_cache.top_k = 8
+    cfg.output.dir = str(tmp_path / "c")
+    with pytest.raises(ConfigError, match="built for different inputs.*top_k"):
+        run(cfg, RunOptions(progress=False))
+
+
+def test_baseline_trains_both_and_writes_both(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    from entrenar_cli.pipeline.distill import run
+
+    out = tmp_path / "kd"
+    summary = run(distill_config(tiny_llama, stdlib_text, out, max_steps=4), RunOptions(progress=False, baseline=True))
+    assert "perplexity" in summary["baseline"] and "agreement" in summary["baseline"]
+    base = json.loads((out / "baseline" / "summary.json").read_text())
+    assert base["steps"] == summary["steps"] == 4
+    assert (out / "baseline" / "metrics.jsonl").is_file() and (out / "report.html").is_file()
+    assert json.loads((out / "summary.json").read_text())["baseline"] == summary["baseline"]

