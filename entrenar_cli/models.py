@@ -74,12 +74,18 @@ def locate(model_id: str, *, revision: str | None = None, fmt: str = "safetensor
     p = package_path(model_id) if model_id.startswith("pkg:") else Path(model_id).expanduser()
     if p.is_file():
         if p.suffix == ".gguf":
+            from entrenar_cli.hub.verify import verify_gguf
+
+            verify_gguf(p)
             return ModelLocation(p.parent, p.name, model_id)
         raise ModelError(f"{model_id} is a file, not a model directory",
                          hint="point at the directory holding config.json, or at a .gguf file")
     if p.is_dir():
         if fmt == "gguf" or gguf_file:
+            from entrenar_cli.hub.verify import verify_gguf
+
             name = gguf_file or _single_gguf(p)
+            verify_gguf(p / name)
             return ModelLocation(p, name, model_id)
         _check_local_weights(p, allow_pickle)
         return ModelLocation(p, None, model_id)
@@ -143,6 +149,10 @@ def _check_local_weights(directory: Path, allow_pickle: bool) -> None:
         )
     if not safe and not pickled:
         raise ModelError(f"{directory}: no weights (*.safetensors) found")
+    from entrenar_cli.hub.verify import verify_safetensors
+
+    for f in safe:  # headers only: catches truncated files and pickles renamed to .safetensors
+        verify_safetensors(f)
 
 
 def read_config(loc: ModelLocation) -> dict[str, Any]:

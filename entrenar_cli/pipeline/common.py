@@ -28,8 +28,38 @@ class RunOptions:
     progress: bool = True
 
 
+_LOCKS: dict[str, Any] = {}
+
+
+def lock_output_dir(out: Path) -> None:
+    """Hold an exclusive lock on ``out`` for this process's lifetime; a second run refuses.
+
+    flock locks vanish with the process, so a crashed run never leaves a stale lock behind.
+    """
+    import fcntl
+
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / ".entrenar.lock", "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        owner = fh.read().strip() or "another process"
+        fh.close()
+        raise UsageError(f"output directory {out} is in use by another entrenar run ({owner})",
+                         hint="wait for it to finish, or choose another output.dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    _LOCKS[key] = fh
+
+
 def prepare_output_dir(out: Path, opts: RunOptions, inputs: list[Path] = ()) -> None:
-    """Create the output directory; refuse to mix runs unless --resume or --overwrite."""
+    """Create and lock the output directory; refuse to mix runs unless --resume or --overwrite."""
     resolved = out.resolve()
     for src in inputs:
         try:
@@ -40,9 +70,13 @@ def prepare_output_dir(out: Path, opts: RunOptions, inputs: list[Path] = ()) -> 
             continue
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.dir {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not opts.dry_run:
+    if out.is_dir() and not opts.dry_run:
+        lock_output_dir(out)
+    if out.is_dir() and any(p.name != ".entrenar.lock" for p in out.iterdir()) and not opts.dry_run:
         if opts.overwrite:
             for name in os.listdir(out):
+                if name == ".entrenar.lock":
+                    continue
                 path = out / name
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         elif not opts.resume:
@@ -53,6 +87,7 @@ def prepare_output_dir(out: Path, opts: RunOptions, inputs: list[Path] = ()) -> 
     if not opts.dry_run:
         try:
             out.mkdir(parents=True, exist_ok=True)
+            lock_output_dir(out)
             probe = out / ".write-test"
             probe.write_text("")
             probe.unlink()
