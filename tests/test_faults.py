@@ -1,0 +1,101 @@
+"""Faults: SIGTERM mid-run checkpoints and resumes to the same result; crash-safe checkpoints;
+non-finite steps are skipped and then stop the run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def _yaml(teacher: Path, data: Path, out: Path, steps: int, extra: str = "") -> str:
+    return (f"teacher:\n  model_id: {teacher}\nstudent:\n  init_from_teacher: 2\n"
+            f"training:\n  max_steps: {steps}\n  batch_size: 4\n  learning_rate: 3e-3\n  logging_steps: 1\n  seed: 1\n{extra}"
+            f"dataset:\n  path: {data}\n  max_length: 32\n  eval_fraction: 0.2\noutput:\n  dir: {out}\n")
+
+
+def _entrenar(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "entrenar_cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    from entrenar_cli.config import DistillationYamlConfig, validate_text
+    from entrenar_cli.pipeline.common import RunOptions
+    from entrenar_cli.pipeline.distill import run
+
+    steps = 16
+    run(validate_text(_yaml(tiny_llama, stdlib_text, tmp_path / "a", steps), DistillationYamlConfig, "a.yaml"),
+        RunOptions(progress=False))
+
+    cfg = tmp_path / "interrupted.yaml"
+    out = tmp_path / "b"
+    cfg.write_text(_yaml(tiny_llama, stdlib_text, out, steps))
+    proc = _entrenar("distill", str(cfg), "--quiet")
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until training is under way, then interrupt it
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and sum('"train"' in l for l in metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=300)
+    err = proc.stderr.read()
+    assert code == 1, err[-2000:]
+    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert ckpts and (ckpts[-1] / "trainer_state.json").is_file()
+    stopped_at = json.loads((ckpts[-1] / "trainer_state.json").read_text())["step"]
+    assert 3 <= stopped_at < steps
+
+    proc = _entrenar("distill", str(cfg), "--quiet", "--resume")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path: Path) -> None:
+    from entrenar_cli.checkpoint import latest_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / "step-000010").mkdir(parents=True)
+    (root / "step-000010" / "trainer_state.json").write_text("{}")
+    (root / ".step-000020.abc.tmp").mkdir()  # a write killed before its rename
+    (root / "step-000030").mkdir()  # no trainer_state.json: incomplete
+    assert latest_checkpoint(tmp_path) == root / "step-000010"
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_llama: Path, stdlib_text: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from entrenar_cli.config import DistillationYamlConfig, validate_text
+    from entrenar_cli.errors import TrainingError
+    from entrenar_cli.pipeline.common import RunOptions
+    from entrenar_cli.pipeline.distill import run
+
+    # from step 3 on every gradient is NaN (as after an fp16 overflow): skipped, then the run stops
+    text = _yaml(tiny_llama, stdlib_text, tmp_path / "nan", 20, "  max_bad_steps: 3\n")
+    cfg = validate_text(text, DistillationYamlConfig, "t.yaml")
+    import entrenar_cli.trainer as trainer
+
+    original = trainer.Engine._optimizer_step
+
+    def poisoned(self: trainer.Engine) -> float:
+        if self.state.step >= 2:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return original(self)
+
+    monkeypatch.setattr(trainer.Engine, "_optimizer_step", poisoned)
+    with pytest.raises(TrainingError, match="3 optimizer steps in a row had non-finite"):
+        run(cfg, RunOptions(progress=False))
+    metrics = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m["event"] == "train"] == [1, 2]  # skipped steps are not logged
