@@ -6,6 +6,8 @@ output straight into ``jq``.
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.markup import escape
 
@@ -13,11 +15,18 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a torchrun / accelerate launch (they stay quiet)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def info(message: str) -> None:
-    """A progress or status line for humans (stderr)."""
-    err.print(message)
+    """A progress or status line for humans (stderr), from the main process only."""
+    if is_main_process():
+        err.print(message, markup=False)
 
 
 def warn(message: str) -> None:
-    """A warning the user should read (stderr)."""
-    err.print(f"[yellow]warning:[/yellow] {escape(message)}")
+    """A warning the user should read (stderr), from the main process only."""
+    if is_main_process():
+        err.print(f"[yellow]warning:[/yellow] {escape(message)}")

@@ -387,6 +387,12 @@ class Engine:
                 progress.advance(self.state.step)
                 if self.state.step % s.logging_steps == 0 or self.state.step == self.total_steps:
                     now = time.perf_counter()
+                    if self.world > 1:  # log global means, not this process's shard
+                        keys = sorted(acc)
+                        summed = self.accelerator.reduce(torch.stack([torch.as_tensor(acc[k], dtype=torch.float64,
+                                                                                      device=self.device) for k in keys]),
+                                                         reduction="sum")
+                        acc = dict(zip(keys, summed))
                     tokens = max(1.0, float(acc.pop("tokens")))
                     seqs = max(1.0, float(acc.pop("sequences")))
                     record: dict[str, Any] = {"event": "train", "step": self.state.step,

@@ -273,22 +273,29 @@ def print_plan(p: dict[str, Any]) -> None:
 
 def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:
     """Distill; returns the summary (also written to summary.json)."""
+    from entrenar_cli.console import is_main_process
+
     out = Path(cfg.output.dir)
     inputs = [Path(p) for p in (cfg.teacher.model_id, cfg.student.model_id or "") if p and Path(p).exists()]
-    prepare_output_dir(out, opts, inputs)
+    main = is_main_process()
+    if main:  # under torchrun only rank 0 owns the output directory
+        prepare_output_dir(out, opts, inputs)
     from entrenar_cli.data import check_dataset_settings
 
     if cfg.dataset.path is not None:
         check_dataset_settings(cfg.dataset.path, None)
     su = setup(cfg)
     p = plan(su)
-    if opts.dry_run:
+    if main:
         print_plan(p)
+    if opts.dry_run:
         return {"dry_run": True, "plan": p}
-    print_plan(p)
-    check_free_space(out, int(p["student"]["parameters"] * 4 * (cfg.output.save_total_limit * 3 + 1)))
+    if main:
+        check_free_space(out, int(p["student"]["parameters"] * 4 * (cfg.output.save_total_limit * 3 + 1)))
     baseline_init = copy.deepcopy(su.student) if opts.baseline else None
     summary = train_and_save(su, out, opts, p)
+    if not main:
+        return summary
     if baseline_init is not None:
         summary["baseline"] = run_baseline(su, baseline_init, out / "baseline", opts, p)
         write_summary(out, summary)
@@ -303,10 +310,13 @@ def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, A
     from entrenar_cli import models
     from entrenar_cli.trainer import Engine, EngineOptions
 
+    from entrenar_cli.console import is_main_process
+
     cfg = su.cfg
-    write_resolved_config(out, cfg)
-    if not (opts.resume and (out / "metrics.jsonl").exists()):
-        start_event(out, "distill", cfg)
+    if is_main_process():
+        write_resolved_config(out, cfg)
+        if not (opts.resume and (out / "metrics.jsonl").exists()):
+            start_event(out, "distill", cfg)
     cache = open_teacher_cache(su, out)
     objective = build_objective(su, cache)
     engine = Engine(cfg.training, su.student, objective, su.train_blocks, su.eval_blocks,
