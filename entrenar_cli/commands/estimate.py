@@ -38,7 +38,7 @@ def estimate(
     ],
     size: Annotated[
         Optional[str],
-        typer.Argument(metavar="[SIZE]", help="Size within a catalogue family: 7b, 0.5B, 124m (case-insensitive)."),
+        typer.Argument(metavar="SIZE", help="Size within a catalogue family: 7b, 0.5B, 124m (case-insensitive)."),
     ] = None,
     method: Annotated[
         Optional[str],

@@ -190,16 +190,18 @@ def _estimate(su: FineTuneSetup) -> int | None:
 
 
 def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
-    import torch
-
     from entrenar_cli import models
     from entrenar_cli.fsutil import human_bytes
     from entrenar_cli.objectives import LMObjective
     from entrenar_cli.trainer import Engine, EngineOptions
 
+    from entrenar_cli.console import is_main_process
+
     out = Path(cfg.output.dir)
     src_path = Path(cfg.model.model_id)
-    prepare_output_dir(out, opts, [src_path] if src_path.exists() else [])
+    main = is_main_process()
+    if main:  # under torchrun only rank 0 owns the output directory
+        prepare_output_dir(out, opts, [src_path] if src_path.exists() else [])
     su = setup(cfg)
     total, trainable = models.count_parameters(su.model)
     estimate = _estimate(su)
@@ -208,10 +210,11 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
     if opts.dry_run:
         return {"dry_run": True, "parameters": total, "trainable_parameters": trainable, "estimated_mem_bytes": estimate,
                 "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks)}
-    check_free_space(out, int(total * 4 * 2 + trainable * 12 * cfg.output.save_total_limit))
-    write_resolved_config(out, cfg)
-    if not (opts.resume and (out / "metrics.jsonl").exists()):
-        start_event(out, "finetune", cfg)
+    if main:
+        check_free_space(out, int(total * 4 * 2 + trainable * 12 * cfg.output.save_total_limit))
+        write_resolved_config(out, cfg)
+        if not (opts.resume and (out / "metrics.jsonl").exists()):
+            start_event(out, "finetune", cfg)
     mlm = None
     if su.task == "masked" and su.tokenizer.mask_token_id is not None:
         mlm = {"cls": su.tokenizer.cls_token_id, "sep": su.tokenizer.sep_token_id, "mask": su.tokenizer.mask_token_id}
@@ -232,7 +235,9 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
     }
     if before:
         summary["student_before"] = {"perplexity": before.get("perplexity")}
-    if result["status"] == "completed" and engine.is_main:
+    if not engine.is_main:
+        return summary
+    if result["status"] == "completed":
         model = engine.accelerator.unwrap_model(engine.model)
         summary["outputs"] = save_outputs(model, su, out)
         summary["student"]["size_bytes"] = dir_size(out)
@@ -247,7 +252,6 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
 
         raise TrainingError(f"interrupted at step {result['steps']} of {result['total_steps']}: checkpoint saved",
                             hint="continue with: entrenar finetune CONFIG --resume")
-    del torch
     return summary
 
 
