@@ -372,21 +372,13 @@ class Dataset:
     @classmethod
     def from_path(cls, path: str, tokenizer: Any, options: DatasetOptions | None = None,
                   text_column: str = "text") -> "Dataset":
+        from entrenar_cli.config.schema import DatasetSettings
+
         options = options or DatasetOptions()
-        files = resolve_files(path)
-        eos = tokenizer.eos_token_id
-
-        def encode(doc: Document) -> tuple[list[int], None]:
-            ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
-            return (ids + [eos] if eos is not None else ids), None
-
-        meta = {"files": files_fingerprint(files), "tok": tokenizer_fingerprint(tokenizer),
-                "eval_fraction": options._eval_fraction, "column": text_column}
-        key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-        train, held = build_stores(iter_documents(files, text_column=text_column), encode,
-                                   cache_root() / "tokens" / key, eval_fraction=options._eval_fraction, meta=meta)
-        store = train if options._split == Split.Train else held
-        return cls(BlockDataset(store, options._max_length))
+        settings = DatasetSettings(path=path, text_column=text_column, max_length=options._max_length,
+                                   eval_fraction=options._eval_fraction)
+        train, held = load_blocks(settings, tokenizer)
+        return cls(train if options._split == Split.Train else held)
 
     def __len__(self) -> int:
         return len(self.blocks)

@@ -126,6 +126,13 @@ def materialize_gguf(loc: ModelLocation) -> ModelLocation:
     return ModelLocation(target, None, loc.name)
 
 
+def open_source(src: Any) -> ModelLocation:
+    """A config's model source (teacher, model) located and, when GGUF, dequantized once."""
+    loc = locate(src.model_id, revision=src.revision, fmt=src.format, gguf_file=src.gguf_file,
+                 allow_pickle=src.allow_pickle)
+    return materialize_gguf(loc)
+
+
 def _single_gguf(directory: Path) -> str:
     found = sorted(f.name for f in directory.glob("*.gguf"))
     if len(found) != 1:

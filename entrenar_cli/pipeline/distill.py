@@ -83,9 +83,7 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
 
     precision, device = _precision_and_device(cfg.training)
     t_src = cfg.teacher
-    t_loc = models.locate(t_src.model_id, revision=t_src.revision, fmt=t_src.format, gguf_file=t_src.gguf_file,
-                          allow_pickle=t_src.allow_pickle)
-    t_loc = models.materialize_gguf(t_loc)
+    t_loc = models.open_source(t_src)
     need_eager = cfg.distillation.attention.enabled
     tokenizer = models.load_tokenizer(t_loc, t_src.trust_remote_code)
     t_config = models.read_config(t_loc)

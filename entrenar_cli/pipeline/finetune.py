@@ -144,9 +144,7 @@ def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
 
     precision, _device = _precision_and_device(cfg.training)
     src = cfg.model
-    loc = models.locate(src.model_id, revision=src.revision, fmt=src.format, gguf_file=src.gguf_file,
-                        allow_pickle=src.allow_pickle)
-    loc = models.materialize_gguf(loc)
+    loc = models.open_source(src)
     tokenizer = models.load_tokenizer(loc, src.trust_remote_code)
     task = models.task_of(models.read_config(loc))
     if cfg.method == "qlora" and task != "causal":
