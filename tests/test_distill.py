@@ -241,3 +241,20 @@ def test_real_minilm_encoder_teacher_few_steps(stdlib_text: Path, tmp_path: Path
     assert summary["student"]["embedding_cosine"] > summary["student_before"]["embedding_cosine"]
     model = AutoModel.from_pretrained(out)
     assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 384
+
+
+def test_lora_student_saves_adapter_and_merged_model(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM
+
+    from entrenar_cli.pipeline.distill import run
+
+    out = tmp_path / "lora-student"
+    cfg = distill_config(tiny_llama, stdlib_text, out, max_steps=4)
+    cfg.student.lora = {"rank": 4, "alpha": 8, "target_modules": "all-linear"}  # type: ignore[assignment]
+    summary = run(cfg, RunOptions(progress=False))
+    assert summary["student"]["trainable_parameters"] < summary["student"]["parameters"] / 4
+    assert PeftConfig.from_pretrained(out / "adapter").r == 4
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.config.num_hidden_layers == 2
+    assert not any("lora" in n for n, _ in merged.named_parameters())
