@@ -15,7 +15,7 @@ The parent computes :func:`entrenar_cli.memory.estimate_training` for the same c
 
 Allocator note. glibc keeps freed blocks below its (self-raising, up to 32 MiB) mmap threshold in
 its heap, so with default settings RSS is a high-water mark of *cached* memory, not of memory in
-use: on these small models it runs 1.2-1.5x above the live tensors. The gated measurement runs
+use: on these small models it runs 1.15-1.3x above the memory in use. The gated measurement runs
 the child with ``MALLOC_MMAP_THRESHOLD_=65536``: every block of 64 KiB or more is mapped on its
 own and returned to the kernel when freed, so RSS follows the memory the run actually holds
 (this is CPU's analogue of reading ``torch.cuda.max_memory_allocated`` rather than what the

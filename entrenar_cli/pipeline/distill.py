@@ -240,7 +240,9 @@ def _memory_estimate(su: DistillSetup) -> int | None:
             seq_len=su.cfg.dataset.max_length, dtype=su.precision if su.precision != "fp32" else "fp32",
             gradient_checkpointing=tr.gradient_checkpointing,
             attention="eager" if su.cfg.distillation.attention.enabled else "sdpa",
-            teacher_config=su.teacher.config.to_dict(),
+            teacher_config=su.teacher.config.to_dict(), lora_alpha=lora.alpha if lora else None,
+            lora_dropout=lora.dropout if lora else 0.0, gradient_accumulation=tr.gradient_accumulation,
+            device="cuda" if su.device.type == "cuda" else "cpu",
         )
         return int(est.total_bytes)
     except Exception:  # noqa: BLE001 - an estimate problem must not stop training

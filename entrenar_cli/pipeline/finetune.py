@@ -181,7 +181,9 @@ def _estimate(su: FineTuneSetup) -> int | None:
         est = estimate_training(base.config.to_dict(), method=su.cfg.method, rank=su.cfg.lora.rank,
                                 target_modules=su.cfg.lora.target_modules, batch_size=tr.batch_size,
                                 seq_len=su.cfg.dataset.max_length, dtype=su.precision,
-                                gradient_checkpointing=tr.gradient_checkpointing)
+                                gradient_checkpointing=tr.gradient_checkpointing, lora_alpha=su.cfg.lora.alpha,
+                                lora_dropout=su.cfg.lora.dropout, gradient_accumulation=tr.gradient_accumulation,
+                                device="cuda" if su.model.device.type == "cuda" else "cpu")
         return int(est.total_bytes)
     except Exception:  # noqa: BLE001 - the estimate is advice; training goes on without it
         return None

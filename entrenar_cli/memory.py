@@ -1,0 +1,353 @@
+"""Memory planning: exact parameter counts and an honest training-memory estimate.
+
+The question a practitioner has before renting a GPU is *will this run fit, and with what
+settings?* This module answers it from a ``config.json`` alone:
+
+* :func:`count_parameters` - exact, from the module layout transformers builds for the config (on
+  the meta device: no weights, no memory), or from a layout written down for catalogue models and
+  tested to be identical;
+* :func:`summarize_config` - the architecture plus weight memory in fp32/bf16/fp16/int8/nf4;
+* :func:`estimate_training` - weights, gradients, optimizer state, saved activations, logits and
+  a distillation teacher for full fine-tuning, LoRA and QLoRA, and the peak of a training step
+  (the model is described in :mod:`entrenar_cli.estimate.training` and ``docs/estimate.md``, and
+  checked against measured peaks by ``bench/estimate_vs_measured.py``);
+* :class:`MemoryEstimate` - the design document's weight-only API (``from_architecture``,
+  ``fits_in``).
+
+Nothing here imports torch unless a config outside the catalogue must be built on the meta device.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from entrenar_cli import catalogue
+from entrenar_cli.errors import UsageError
+from entrenar_cli.estimate.layout import Layout, Shape, analytic_layout, meta_layout, shape_of
+from entrenar_cli.estimate.sources import ResolvedModel, resolve_config, resolve_model
+from entrenar_cli.estimate.training import (
+    ATTENTIONS,
+    METHODS,
+    OPTIMIZERS,
+    TRAIN_DTYPES,
+    EstimateSettings,
+    TrainingEstimate,
+    estimate_from_layout,
+    lora_targets,
+    lora_trainable_params,
+    max_batch_size,
+    nf4_bytes,
+    weights_bytes_by_dtype,
+)
+
+__all__ = [
+    "ATTENTIONS",
+    "METHODS",
+    "OPTIMIZERS",
+    "TRAIN_DTYPES",
+    "Architecture",
+    "EstimateSettings",
+    "MemoryEstimate",
+    "ResolvedModel",
+    "TrainingEstimate",
+    "WEIGHT_DTYPES",
+    "count_parameters",
+    "estimate_training",
+    "kv_cache_bytes",
+    "largest_batch_size",
+    "layout_for",
+    "lora_trainable_parameters",
+    "nf4_bytes",
+    "parse_size",
+    "resolve_config",
+    "resolve_model",
+    "shape_for",
+    "summarize_config",
+]
+
+WEIGHT_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "nf4")
+
+
+# ----------------------------------------------------------------------------------------------
+# layouts
+
+
+def _fingerprint(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+_CATALOGUE_PRINTS = {_fingerprint(e.config): e for e in catalogue.CATALOGUE.values()}
+
+
+_LAYOUTS: dict[str, Layout] = {}
+
+
+def layout_for(config: dict[str, Any]) -> Layout:
+    """The module layout of ``config``: written-down for catalogue configs, else built on the meta device."""
+    key = _fingerprint(config)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = analytic_layout(config) if key in _CATALOGUE_PRINTS else None
+        layout = layout or meta_layout(config)
+        if len(_LAYOUTS) >= 64:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
+
+
+def shape_for(config: dict[str, Any]) -> Shape:
+    """The normalised shape (layers, widths, heads, vocabulary, norm, activation) of ``config``."""
+    return shape_of(config, layout_for(config))
+
+
+def count_parameters(config: dict[str, Any]) -> int:
+    """Exact parameter count of ``config`` (tied embeddings once).
+
+    Causal language models count their ``*ForCausalLM`` model, other models their base model (with
+    pooler), as model cards do: Llama-2-7B gives 6,738,415,616 and bert-base-uncased 109,482,240.
+    """
+    return layout_for(config).parameters
+
+
+def lora_trainable_parameters(
+    config: dict[str, Any], rank: int = 16, target_modules: list[str] | str | None = None
+) -> int:
+    """What peft's ``get_nb_trainable_parameters()`` reports for LoRA with this rank and these targets."""
+    layout = layout_for(config)
+    shape = shape_of(config, layout)
+    return lora_trainable_params(lora_targets(layout, shape.model_type, target_modules), rank)
+
+
+def kv_cache_bytes(config: dict[str, Any], tokens: int, batch_size: int = 1, dtype: str = "bf16") -> int | None:
+    """KV cache for ``batch_size`` sequences of ``tokens``: 2 x layers x kv_heads x head_dim x bytes
+    per token (None for encoder-only models, which keep no cache)."""
+    shape = shape_for(config)
+    if not shape.causal_lm:
+        return None
+    per = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}[dtype]
+    return 2 * shape.num_layers * shape.kv_dim * per * tokens * batch_size
+
+
+def summarize_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The architecture and weight memory of ``config``, as ``entrenar fetch`` and ``estimate`` print it.
+
+    Keys: model_type, architecture (the counted class), num_layers, hidden_size, num_heads,
+    num_kv_heads, head_dim, intermediate_size, vocab_size, max_position_embeddings,
+    tie_word_embeddings, parameters, weights_bytes {fp32, bf16, fp16, int8, nf4},
+    kv_cache_bytes_per_token (16-bit; None for encoders).
+    """
+    layout = layout_for(config)
+    shape = shape_of(config, layout)
+    return {
+        "model_type": shape.model_type,
+        "architecture": layout.model_class,
+        "num_layers": shape.num_layers,
+        "hidden_size": shape.hidden_size,
+        "num_heads": shape.num_heads,
+        "num_kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "intermediate_size": shape.intermediate_size,
+        "vocab_size": shape.vocab_size,
+        "max_position_embeddings": shape.max_position_embeddings,
+        "tie_word_embeddings": shape.tie_word_embeddings,
+        "parameters": layout.parameters,
+        "weights_bytes": weights_bytes_by_dtype(layout),
+        "kv_cache_bytes_per_token": (2 * shape.num_layers * shape.kv_dim * 2) if shape.causal_lm else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def _settings(**kwargs: Any) -> EstimateSettings:
+    target_modules = kwargs.get("target_modules")
+    if isinstance(target_modules, tuple):
+        kwargs["target_modules"] = list(target_modules)
+    return EstimateSettings(**kwargs)
+
+
+def estimate_training(
+    config: dict[str, Any],
+    *,
+    method: str = "full",
+    rank: int = 16,
+    target_modules: list[str] | str | None = None,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    dtype: str = "bf16",
+    optimizer: str = "adamw",
+    gradient_checkpointing: bool = False,
+    attention: str = "sdpa",
+    teacher_config: dict[str, Any] | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.05,
+    gradient_accumulation: int = 1,
+    device: str = "cuda",
+) -> TrainingEstimate:
+    """Modelled peak memory of training ``config`` (bytes, with its components).
+
+    ``method``: full | lora | qlora. ``dtype``: fp32, or bf16/fp16 mixed precision (see
+    :mod:`entrenar_cli.estimate.training` for what each recipe keeps). ``target_modules``: a list
+    of module names, a regex string, 'all-linear', or None for peft's default for the model type.
+    ``teacher_config`` adds a frozen distillation teacher. ``device`` only changes dropout masks
+    and the optimizer's temporaries (CUDA: bool masks, foreach AdamW; CPU: dtype masks,
+    per-tensor AdamW). Raises UsageError for invalid settings.
+    """
+    settings = _settings(
+        method=method,
+        rank=rank,
+        target_modules=target_modules,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_accumulation=gradient_accumulation,
+        attention=attention,
+        device=device,
+    )
+    layout = layout_for(config)
+    teacher = None
+    if teacher_config is not None:
+        t_layout = layout_for(teacher_config)
+        teacher = (t_layout, shape_of(teacher_config, t_layout))
+    return estimate_from_layout(layout, shape_of(config, layout), settings, teacher=teacher)
+
+
+def largest_batch_size(
+    config: dict[str, Any], budget_bytes: int, *, teacher_config: dict[str, Any] | None = None, **settings: Any
+) -> int:
+    """The largest batch size whose :func:`estimate_training` peak fits ``budget_bytes`` (0 if none)."""
+    layout = layout_for(config)
+    teacher = None
+    if teacher_config is not None:
+        t_layout = layout_for(teacher_config)
+        teacher = (t_layout, shape_of(teacher_config, t_layout))
+    return max_batch_size(layout, shape_of(config, layout), _settings(**settings), budget_bytes, teacher=teacher)
+
+
+# ----------------------------------------------------------------------------------------------
+# sizes
+
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]+)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """'24GB' -> 24e9 bytes, '24GiB' -> 24 x 2^30 (also B, KB/KiB, MB/MiB, TB/TiB; case-insensitive).
+
+    A unit is required: GB and GiB differ by 7%, and a card sold as "24 GB" has 24 GiB.
+    """
+    m = _SIZE_RE.match(text or "")
+    if not m or m.group(2).lower() not in _UNITS:
+        raise UsageError(
+            f"cannot read the size {text!r}",
+            hint="give a number with a unit: 24GB (10^9 bytes) or 24GiB (2^30 bytes); also MB, MiB, TB, TiB",
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+# ----------------------------------------------------------------------------------------------
+# the design document's weight-only API
+
+
+class Architecture(str, enum.Enum):
+    """Catalogue families, for :meth:`MemoryEstimate.from_architecture` (the design document's enum)."""
+
+    LLAMA = "llama"
+    LLAMA3 = "llama3"
+    MISTRAL = "mistral"
+    QWEN2 = "qwen2.5"
+    TINYLLAMA = "tinyllama"
+    SMOLLM2 = "smollm2"
+    GPT2 = "gpt2"
+    BERT = "bert"
+    ROBERTA = "roberta"
+    CODEBERT = "codebert"
+    PHI2 = "phi2"
+    # the design document's spelling
+    Llama = "llama"
+    Mistral = "mistral"
+    Bert = "bert"
+    Gpt2 = "gpt2"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Weight memory of a model in each storage format (bytes).
+
+    ``int4_bytes`` is NF4 as QLoRA stores it (4.127 bits per Linear weight including
+    double-quantized constants; embeddings and lm_head stay 16-bit), not parameters / 2.
+    """
+
+    parameters: int
+    fp32_bytes: int
+    bf16_bytes: int
+    fp16_bytes: int
+    int8_bytes: int
+    int4_bytes: int
+    architecture: str = ""  # the model_type the sizes were computed for
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "MemoryEstimate":
+        """Exact, from a config.json dict."""
+        layout = layout_for(config)
+        w = weights_bytes_by_dtype(layout)
+        model_type = shape_of(config, layout).model_type
+        return cls(layout.parameters, w["fp32"], w["bf16"], w["fp16"], w["int8"], w["nf4"], model_type)
+
+    @classmethod
+    def from_architecture(
+        cls, arch: "Architecture | str | dict[str, Any]", params: int | None = None
+    ) -> "MemoryEstimate":
+        """From a config dict (exact; ``params`` ignored), or a catalogue family and a parameter count.
+
+        For a family, the quantizable share of the parameters (Linear weights outside the head) is
+        taken from the family's catalogue entry nearest in size, so int8/int4 keep embeddings 16-bit.
+        """
+        if isinstance(arch, dict):
+            return cls.from_config(arch)
+        family = catalogue.canonical_family(arch.value if isinstance(arch, Architecture) else str(arch))
+        entries = [e for e in catalogue.CATALOGUE.values() if e.family == family]
+        ref = min(entries, key=lambda e: abs(e.parameters - (params or e.parameters)))
+        if params is None:
+            return cls.from_config(ref.config)
+        layout = layout_for(ref.config)
+        q_weights = sum(m.weight_params for m in layout.quantizable_linears())
+        q_share = q_weights / layout.parameters
+        q = int(params * q_share)
+        rest = params - q
+        mean_rows = sum(m.d_out for m in layout.quantizable_linears()) / max(q_weights, 1)
+        return cls(
+            parameters=params,
+            fp32_bytes=4 * params,
+            bf16_bytes=2 * params,
+            fp16_bytes=2 * params,
+            int8_bytes=2 * rest + q + int(4 * mean_rows * q),
+            int4_bytes=2 * rest + int(q * (4 + 8 / 64 + 32 / (64 * 256)) / 8),
+            architecture=str(ref.config.get("model_type", ref.family)),
+        )
+
+    def bytes_for(self, dtype: str) -> int:
+        """Weight bytes in fp32 | bf16 | fp16 | int8 | int4 (nf4)."""
+        key = {"nf4": "int4"}.get(dtype, dtype)
+        try:
+            return int(getattr(self, f"{key}_bytes"))
+        except AttributeError:
+            raise UsageError(f"unknown weight dtype {dtype!r}", hint="use fp32, bf16, fp16, int8 or int4") from None
+
+    def fits_in(self, budget_bytes: int, dtype: str = "fp16") -> bool:
+        """Whether the weights alone, stored as ``dtype``, fit in ``budget_bytes``."""
+        return self.bytes_for(dtype) <= budget_bytes
