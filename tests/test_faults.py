@@ -99,3 +99,38 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_llama: Path, stdlib_text: P
         run(cfg, RunOptions(progress=False))
     metrics = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["event"] == "train"] == [1, 2]  # skipped steps are not logged
+
+
+def test_second_run_on_same_output_dir_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "shared-out"
+    code = ("import sys, time\nfrom pathlib import Path\n"
+            "from entrenar_cli.pipeline.common import prepare_output_dir, RunOptions\n"
+            f"prepare_output_dir(Path({str(out)!r}), RunOptions())\nprint('locked', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        from entrenar_cli.errors import UsageError
+        from entrenar_cli.pipeline.common import RunOptions, prepare_output_dir
+
+        with pytest.raises(UsageError, match=r"in use by another entrenar run \(pid \d+\)"):
+            prepare_output_dir(out, RunOptions(resume=True))
+    finally:
+        holder.kill()
+        holder.wait()
+    from entrenar_cli.pipeline.common import RunOptions, prepare_output_dir
+
+    prepare_output_dir(out, RunOptions(resume=True))  # the lock died with its process
+
+
+def test_not_enough_disk_space_is_refused_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from entrenar_cli.errors import EntrenarError
+    from entrenar_cli.pipeline.common import check_free_space
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10**9, 10**9 - 5 * 2**20, 5 * 2**20))
+    with pytest.raises(EntrenarError, match="not enough disk space.*5.00 MiB free"):
+        check_free_space(tmp_path, 2**30)
+    check_free_space(tmp_path, 2**20)
