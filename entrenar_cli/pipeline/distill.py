@@ -107,7 +107,7 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
         # built from an fp32 copy so the student's master weights are full precision
         student = models.student_from_teacher(teacher, layers)
         student_tok = None
-        student_name = f"{t_src.model_id} layers {layers}"
+        student_name = f"teacher layers {layers}"
     else:
         s_loc = models.locate(st.model_id, revision=st.revision, allow_pickle=st.allow_pickle)
         student_tok = models.load_tokenizer(s_loc, st.trust_remote_code)
