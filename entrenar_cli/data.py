@@ -29,7 +29,7 @@ from entrenar_cli.errors import ConfigError, DataError
 from entrenar_cli.fsutil import atomic_path, write_json_atomic
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".cfg", ".toml", ".yaml", ".yml", ".html", ".css"}
-STORE_VERSION = 2
+STORE_VERSION = 3
 
 
 def cache_root() -> Path:
@@ -89,25 +89,31 @@ class Document:
 def iter_documents(
     files: list[Path], *, fmt: str = "auto", text_column: str = "text", raw_rows: bool = False
 ) -> Iterator[Document]:
-    """Stream documents from files; rows are passed through whole when ``raw_rows``."""
+    """Stream documents from files; rows are passed through whole when ``raw_rows``.
+
+    Document keys are paths relative to the files' common folder, so the held-out split is the
+    same on every machine and in every checkout.
+    """
+    root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
     for path in files:
         kind = _kind_of(path, fmt)
         if kind is None:
             continue
+        rel = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
         if kind == "text":
             try:
                 text = path.read_text(encoding="utf-8", errors="replace")
             except OSError as exc:
                 raise DataError(f"cannot read {path}: {exc}") from None
             if text.strip():
-                yield Document(key=str(path), text=text)
+                yield Document(key=rel, text=text)
         elif kind == "jsonl":
-            yield from _iter_jsonl(path, text_column, raw_rows)
+            yield from _iter_jsonl(path, text_column, raw_rows, rel)
         elif kind == "parquet":
-            yield from _iter_parquet(path, text_column, raw_rows)
+            yield from _iter_parquet(path, text_column, raw_rows, rel)
 
 
-def _iter_jsonl(path: Path, column: str, raw_rows: bool) -> Iterator[Document]:
+def _iter_jsonl(path: Path, column: str, raw_rows: bool, rel: str) -> Iterator[Document]:
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -120,7 +126,7 @@ def _iter_jsonl(path: Path, column: str, raw_rows: bool) -> Iterator[Document]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             if raw_rows:
-                yield Document(key=f"{path}:{lineno}", row=row)
+                yield Document(key=f"{rel}:{lineno}", row=row)
                 continue
             if column not in row:
                 raise DataError(
@@ -129,10 +135,10 @@ def _iter_jsonl(path: Path, column: str, raw_rows: bool) -> Iterator[Document]:
                 )
             text = row[column]
             if isinstance(text, str) and text.strip():
-                yield Document(key=f"{path}:{lineno}", text=text)
+                yield Document(key=f"{rel}:{lineno}", text=text)
 
 
-def _iter_parquet(path: Path, column: str, raw_rows: bool) -> Iterator[Document]:
+def _iter_parquet(path: Path, column: str, raw_rows: bool, rel: str) -> Iterator[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -150,11 +156,11 @@ def _iter_parquet(path: Path, column: str, raw_rows: bool) -> Iterator[Document]
         for row in batch.to_pylist():
             index += 1
             if raw_rows:
-                yield Document(key=f"{path}#{index}", row=row)
+                yield Document(key=f"{rel}#{index}", row=row)
                 continue
             text = row[column]
             if isinstance(text, str) and text.strip():
-                yield Document(key=f"{path}#{index}", text=text)
+                yield Document(key=f"{rel}#{index}", text=text)
 
 
 def is_heldout(key: str, fraction: float) -> bool:
@@ -211,7 +217,10 @@ def build_stores(
     max_tokens: int | None = None,
     meta: dict[str, Any] | None = None,
 ) -> tuple[TokenStore, TokenStore]:
-    """Tokenize documents into train/eval stores under ``directory`` (reused when complete)."""
+    """Tokenize documents into train/eval stores under ``directory`` (reused when complete).
+
+    ``max_tokens`` bounds the training split: reading stops once it is reached.
+    """
     manifest = directory / "manifest.json"
     if manifest.is_file():
         try:
@@ -234,7 +243,7 @@ def build_stores(
             for doc in documents:
                 if max_documents is not None and n_docs >= max_documents:
                     break
-                if max_tokens is not None and counts["train"] + counts["eval"] >= max_tokens:
+                if max_tokens is not None and counts["train"] >= max_tokens:
                     break
                 encoded = encode(doc)
                 if encoded is None:
@@ -270,6 +279,9 @@ def build_stores(
             for pair in handles.values():
                 for fh in pair:
                     fh.close()
+    if docs["train"] == 0 and docs["eval"] > 0:
+        raise DataError(f"all {docs['eval']} documents fell into the held-out split",
+                        hint="lower dataset.eval_fraction, or add documents (the split is by document)")
     if docs["train"] == 0:
         raise DataError("the dataset has no usable text", hint="check dataset.path / text_column and that files are not empty")
     info = {"version": STORE_VERSION, "meta": meta or {}, "tokens": counts, "documents": docs, "has_mask": any_mask}
@@ -489,8 +501,9 @@ def load_blocks(
     key = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
     max_tokens = None
     if settings.max_blocks:
-        # enough tokens for max_blocks training blocks plus the held-out share, with slack
-        max_tokens = int(settings.max_blocks * (settings.max_length + 1) / max(1e-6, 1 - settings.eval_fraction) * 1.3) + 4096
+        # stop reading once the training split holds max_blocks blocks (held-out documents met on
+        # the way are kept)
+        max_tokens = (settings.max_blocks + 1) * (settings.max_length + 1)
         meta["max_tokens"] = max_tokens
         key = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
     docs = iter_documents(files, fmt=settings.format, text_column=settings.text_column, raw_rows=raw_rows)
