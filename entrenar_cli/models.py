@@ -389,21 +389,6 @@ def plain_model(model: nn.Module) -> nn.Module:
     return merged
 
 
-def save_model_dir(model: nn.Module, tokenizer: Any, directory: Path, *, dtype: torch.dtype = torch.float32) -> None:
-    """Write a Hugging Face model directory (safetensors, config, tokenizer, generation config)."""
-    from entrenar_cli.fsutil import atomic_dir
-
-    to_save = plain_model(model)
-    with atomic_dir(directory) as tmp:
-        state_dtype = next(to_save.parameters()).dtype
-        if state_dtype != dtype:
-            to_save = copy.deepcopy(to_save).to(dtype)
-        to_save.config.dtype = dtype
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
-
 def save_model_files(model: nn.Module, tokenizer: Any, directory: Path, *, dtype: torch.dtype = torch.float32) -> None:
     """Write a model into an existing directory (beside metrics and checkpoints), file by file.
 

@@ -12,6 +12,7 @@ The loop reads in run order: ``train()`` -> ``_run_step()`` -> ``objective.loss_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -165,6 +166,7 @@ class Engine:
         options.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = options.output_dir / "metrics.jsonl"
         self._stop_signal: int | None = None
+        self._eval_cache: list[dict[str, Tensor]] | None = None
 
     # ---- plan -----------------------------------------------------------------------------
 
@@ -212,12 +214,15 @@ class Engine:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def eval_batches(self) -> list[dict[str, Tensor]]:
-        """The fixed held-out batches (the same every evaluation)."""
+        """The fixed held-out batches (the same every evaluation: built once)."""
+        if self._eval_cache is not None:
+            return self._eval_cache
         n = min(len(self.eval_blocks), self.s.eval_batches * self.s.batch_size)
         out = []
         for i in range(0, n, self.s.batch_size):
             blocks = [self.eval_blocks.block(j) for j in range(i, min(n, i + self.s.batch_size))]
             out.append(self._to_device(self.collator.collate(blocks)))
+        self._eval_cache = out
         return out
 
     # ---- one optimizer step ---------------------------------------------------------------
@@ -242,7 +247,7 @@ class Engine:
         self.model.train()
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            sync = self.accelerator.no_sync(self.model) if (not last and self.world > 1) else _null()
+            sync = self.accelerator.no_sync(self.model) if (not last and self.world > 1) else contextlib.nullcontext()
             with sync:
                 with self._autocast():
                     terms = self.objective.loss_terms(self.model, batch)
@@ -456,14 +461,6 @@ class Engine:
         if self.opts.on_eval and self.is_main:
             self.opts.on_eval(record)
         return metrics
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
