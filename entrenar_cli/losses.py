@@ -139,6 +139,24 @@ def hidden_state_sum(student_h: Tensor, teacher_h: Tensor, mask: Tensor) -> Tens
     return (diff * mask).sum()
 
 
+def pool(hidden: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
+    """One vector per sequence from ``[b, s, d]`` states: mean over real tokens, first, or last real token."""
+    h = hidden.float()
+    if how == "cls":
+        return h[:, 0]
+    m = mask.float()
+    if how == "last":
+        last = (m.sum(1).long() - 1).clamp_min(0)  # right padding: the last real token
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    return (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+
+
+def embedding_cosine_sum(student_h: Tensor, teacher_h: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
+    """Sum over sequences of ``1 - cos(pool(student), pool(teacher))``: 0 when the embeddings agree."""
+    cos = F.cosine_similarity(pool(student_h, mask, how), pool(teacher_h, mask, how), dim=-1)
+    return (1.0 - cos).sum()
+
+
 def attention_transfer_sum(student_a: Tensor, teacher_a: Tensor, mask: Tensor) -> Tensor:
     """Sum over sequences of ``|| A_s/||A_s||_F - A_t/||A_t||_F ||_F^2`` (heads averaged first).
 

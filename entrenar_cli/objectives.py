@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from entrenar_cli.losses import IGNORE_INDEX, AttentionTransfer, ProgressiveDistillation, fused_forward_kd, kd_terms
+from entrenar_cli.losses import (
+    IGNORE_INDEX,
+    AttentionTransfer,
+    ProgressiveDistillation,
+    embedding_cosine_sum,
+    fused_forward_kd,
+    kd_terms,
+    pool,
+)
 
 MLM_PROBABILITY = 0.15
 
@@ -88,24 +96,33 @@ class LMObjective:
     def extra_parameters(self) -> list[nn.Parameter]:
         return []
 
+    def to(self, device: torch.device) -> None:
+        """Nothing to move: the engine moves the model."""
+
+    def compile(self) -> None:
+        """Nothing to compile: the engine compiles the model."""
+
 
 class DistillObjective:
     """Logit KD + hard CE, hidden-state matching and attention transfer against a frozen teacher."""
 
     def __init__(self, teacher: nn.Module, settings: Any, *, task: str, vocab: int,
                  student_dim: int, teacher_dim: int, mlm_info: dict[str, int] | None = None,
-                 cache: Any = None):
+                 cache: Any = None, teacher_layers: int | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.s = settings
         self.task = task
         self.vocab = vocab
         self.mlm_info = mlm_info
         self.use_logits = task in ("causal", "masked")
-        self.need_hidden = settings.progressive.enabled
+        self.embedding = settings.embedding.enabled
+        self.need_hidden = settings.progressive.enabled or self.embedding
+        # the teacher's last block, the one sentence embeddings are pooled from
+        self.teacher_last = (teacher_layers or 0) - 1
         self.need_attn = settings.attention.enabled
         self.progressive = (
             ProgressiveDistillation(settings.progressive.layer_mapping, student_dim, teacher_dim)
-            if self.need_hidden else None
+            if settings.progressive.enabled else None
         )
         self.attention = AttentionTransfer(settings.attention.layer_mapping) if self.need_attn else None
         # optional precomputed teacher outputs (entrenar_cli.teacher_cache.TeacherCache)
@@ -116,6 +133,13 @@ class DistillObjective:
         if self.progressive is not None and self.progressive.projections is not None:
             return list(self.progressive.projections.parameters())
         return []
+
+    def to(self, device: torch.device) -> None:
+        """The teacher runs where the student trains (on a GPU, both live in its memory)."""
+        self.teacher.to(device)
+
+    def compile(self) -> None:
+        self.teacher.compile()
 
     def _prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.task == "masked" and self.mlm_info is not None:
@@ -138,7 +162,7 @@ class DistillObjective:
         else:
             self.cache.hits += len(ids)
         got = self.cache.get(ids, batch["input_ids"].device)
-        topk = (got["vals"], got["idx"], got["tail"])
+        topk = (got["vals"], got["idx"], got["tail"]) if "vals" in got else None
         hidden = {j: got[f"h{j}"] for j in self.cache.hidden_layers}
         attn = {j: got[f"a{j}"].unsqueeze(1) for j in self.cache.attn_layers}
         return topk, hidden, attn
@@ -181,10 +205,18 @@ class DistillObjective:
             loss = loss + self.s.progressive.weight * hidden
             out["loss_hidden"] = hidden
         out["loss"] = loss
+        seq_loss = torch.zeros((), device=mask.device)
         if self.attention is not None:
             attn = self.attention.sum_loss(s_out.attentions, t_attn, mask)
             out["loss_attn"] = attn
-            out["loss_seq"] = self.s.attention.weight * attn
+            seq_loss = seq_loss + self.s.attention.weight * attn
+        if self.embedding:
+            emb = embedding_cosine_sum(s_out.hidden_states[-1], t_hidden[self.teacher_last], mask,
+                                       self.s.embedding.pooling)
+            out["loss_embedding"] = emb
+            seq_loss = seq_loss + self.s.embedding.weight * emb
+        if self.attention is not None or self.embedding:
+            out["loss_seq"] = seq_loss
         return out
 
     def evaluate(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
@@ -219,10 +251,8 @@ class DistillObjective:
                     s_last = s_out.hidden_states[-1].float()
                     t_last = t_out.hidden_states[-1].float()
                     if s_last.shape[-1] == t_last.shape[-1]:
-                        m = mask.unsqueeze(-1)
-                        s_pool = (s_last * m).sum(1) / m.sum(1).clamp_min(1)
-                        t_pool = (t_last * m).sum(1) / m.sum(1).clamp_min(1)
-                        cos = F.cosine_similarity(s_pool, t_pool, dim=-1)
+                        how = self.s.embedding.pooling
+                        cos = F.cosine_similarity(pool(s_last, mask, how), pool(t_last, mask, how), dim=-1)
                         totals["cos"] = totals.get("cos", 0.0) + float(cos.sum())
                         totals["seqs"] = totals.get("seqs", 0.0) + float(cos.numel())
                         mse = ((s_last - t_last).pow(2).mean(-1) * mask).sum()

@@ -2,12 +2,13 @@
 
 What is stored per training block (SafeTensors files, one per filled step, written atomically):
 
-* ``vals`` ``[L, k]`` bf16: the teacher's top-k logits at each position (T=1),
+* ``vals`` ``[L, k]`` bf16: the teacher's top-k logits at each position (T=1; teachers with an LM head),
 * ``idx`` ``[L, k]`` int32: their token ids,
 * ``tail`` ``[L]`` fp32: ``log sum exp`` of every other logit (the remaining probability mass),
 * ``h{j}`` ``[L, d]`` bf16: hidden states of the teacher layers the progressive loss maps,
 * ``a{j}`` ``[L, L]`` bf16: head-averaged attention maps of the layers attention transfer maps
-  (the loss averages heads first, so nothing is lost).
+  (the loss averages heads first, so nothing is lost),
+* ``mark`` ``[1]`` int8: present once a block is stored (encoders without an LM head store no logits).
 
 KD on top-k (see :func:`entrenar_cli.losses.topk_divergence`): the teacher distribution is exact on
 its k most likely tokens and the tail is one extra outcome; the student's tail is ``1 - sum`` of its
@@ -35,7 +36,7 @@ from entrenar_cli.errors import ConfigError
 from entrenar_cli.fsutil import atomic_path, write_json_atomic
 from entrenar_cli.losses import topk_teacher
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _KEY = re.compile(r"^b(\d+)\.(\w+)$")
 
 
@@ -91,7 +92,7 @@ class TeacherCache:
             with safe_open(str(f), "pt") as fh:
                 for key in fh.keys():
                     m = _KEY.match(key)
-                    if m and m.group(2) == "tail":
+                    if m and m.group(2) == "mark":
                         self._index[int(m.group(1))] = f
 
     def __contains__(self, block: int) -> bool:
@@ -108,8 +109,12 @@ class TeacherCache:
 
     def compress(self, out: Any, hidden_fn: Any) -> dict[str, Tensor]:
         """Teacher model outputs for a batch -> the stored tensors, batch-first."""
-        vals, idx, tail = topk_teacher(out.logits, self.k)
-        data = {"vals": vals, "idx": idx, "tail": tail.float()}
+        logits = getattr(out, "logits", None)
+        first = logits if logits is not None else out.hidden_states[0]
+        data = {"mark": torch.ones(first.shape[0], 1, dtype=torch.int8, device=first.device)}
+        if logits is not None:
+            vals, idx, tail = topk_teacher(logits, self.k)
+            data.update(vals=vals, idx=idx, tail=tail.float())
         if self.hidden_layers:
             blocks = hidden_fn(out.hidden_states)
             for j in self.hidden_layers:

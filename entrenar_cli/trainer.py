@@ -33,7 +33,7 @@ from entrenar_cli.errors import TrainingError
 
 
 # loss terms averaged per sequence rather than per token
-SEQUENCE_TERMS = {"loss_attn", "loss_seq"}
+SEQUENCE_TERMS = {"loss_attn", "loss_embedding", "loss_seq"}
 
 
 class Objective(Protocol):
@@ -48,6 +48,12 @@ class Objective(Protocol):
 
     def extra_parameters(self) -> list[nn.Parameter]:
         """Parameters trained with the model but not saved with it (e.g. hidden-state projections)."""
+
+    def to(self, device: torch.device) -> None:
+        """Move what the objective owns (a teacher) to the training device."""
+
+    def compile(self) -> None:
+        """torch.compile what the objective runs besides the model (a teacher)."""
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -149,6 +155,11 @@ class Engine:
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
         self.model = model.to(self.device)
+        objective.to(self.device)
+        if getattr(settings, "compile", False):
+            # in place (nn.Module.compile): state_dict keys and saved checkpoints stay unchanged
+            self.model.compile()
+            objective.compile()
         extra = list(objective.extra_parameters())
         for p in extra:
             p.data = p.data.to(self.device)

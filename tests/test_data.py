@@ -67,6 +67,21 @@ def test_store_is_reused_and_split_is_by_document(tok, stdlib_text: Path) -> Non
     assert 0.25 < share < 0.35
 
 
+def test_heldout_split_smaller_than_a_block_takes_the_last_document(tok, stdlib_text: Path,  # noqa: ANN001
+                                                                    tmp_path: Path) -> None:
+    sources = sorted(stdlib_text.glob("*.py"))
+    names = [f"doc{i:03d}.py" for i in range(200)]
+    held_name = next(n for n in names if is_heldout(n, 0.1))
+    train_names = [n for n in names if not is_heldout(n, 0.1)][:3]
+    for n in train_names:
+        (tmp_path / n).write_text(sources[0].read_text())
+    (tmp_path / held_name).write_text("x = 1\n")  # hashing holds it out, but it is far shorter than a block
+    train, held = load_blocks(DatasetSettings(path=str(tmp_path / "*.py"), max_length=64, eval_fraction=0.1), tok)
+    one_doc = len(tok(sources[0].read_text())["input_ids"]) + 1  # + EOS
+    assert len(held) >= 1 and len(held.store) >= one_doc
+    assert len(train.store) == 2 * one_doc
+
+
 def test_glob_and_stdlib_placeholder_and_missing(tmp_path: Path) -> None:
     from entrenar_cli.errors import DataError
 

@@ -152,6 +152,19 @@ def test_refuses_nonempty_output_and_bad_mapping(tiny_llama: Path, stdlib_text: 
         run(distill_config(tiny_llama, stdlib_text, tmp_path / "m", extra), RunOptions(progress=False))
 
 
+def test_embedding_loss_needs_equal_widths(tiny_llama: Path, tiny_tokenizer_dir: Path, stdlib_text: Path,
+                                           tmp_path: Path) -> None:
+    from conftest import make_tiny_llama
+
+    from entrenar_cli.pipeline.distill import run
+
+    narrow = make_tiny_llama(tmp_path / "narrow", tiny_tokenizer_dir, layers=2, hidden=32)
+    cfg = distill_config(tiny_llama, stdlib_text, tmp_path / "o", "distillation:\n  embedding:\n    enabled: true\n")
+    cfg.student = type(cfg.student)(model_id=str(narrow))
+    with pytest.raises(ConfigError, match="hidden size 32 differs from the teacher's 64"):
+        run(cfg, RunOptions(progress=False))
+
+
 def test_vocabulary_mismatch_is_an_error(tiny_llama: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -176,6 +189,9 @@ def test_dry_run_prints_plan_without_training(tiny_llama: Path, stdlib_text: Pat
     out = tmp_path / "dry"
     result = run(distill_config(tiny_llama, stdlib_text, out), RunOptions(dry_run=True, progress=False))
     assert result["dry_run"] and result["plan"]["student"]["layers"] == 2 and result["plan"]["steps"] == 12
+    # the memory plan covers the student's training state plus the frozen teacher: more than both weights
+    weights = 4 * (result["plan"]["student"]["parameters"] + result["plan"]["teacher"]["parameters"])
+    assert result["plan"]["estimated_mem_bytes"] > weights
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -185,6 +201,7 @@ def test_teacher_cache_fills_then_serves_and_refuses_mismatch(trained_tiny_llama
 
     cache = tmp_path / "tcache"
     extra = (f"distillation:\n  alpha: 0.5\n  progressive:\n    enabled: true\n    layer_mapping: [[1, 3]]\n"
+             f"  embedding:\n    enabled: true\n    weight: 0.5\n"
              f"  teacher_cache:\n    enabled: true\n    top_k: 32\n    dir: {cache}\n")
     cfg = distill_config(trained_tiny_llama, stdlib_text, tmp_path / "a", extra, max_steps=6, batch_size=4)
     cfg.dataset.max_blocks = 12  # 3 steps per epoch: epoch 2 is served from the cache
@@ -199,6 +216,10 @@ def test_teacher_cache_fills_then_serves_and_refuses_mismatch(trained_tiny_llama
     assert second["teacher_cache"]["hit_rate"] == pytest.approx(1.0)
     curve = [m["loss_kd"] for m in read_metrics(tmp_path / "b") if m["event"] == "train"]
     assert curve == [m["loss_kd"] for m in read_metrics(tmp_path / "a") if m["event"] == "train"][: len(curve)]
+    # the pooled-embedding term reads the teacher's last block (3) from the cache, not only mapped layer 3
+    emb = [m["loss_embedding"] for m in read_metrics(tmp_path / "b") if m["event"] == "train"]
+    assert all(e > 0 for e in emb)
+    assert emb == [m["loss_embedding"] for m in read_metrics(tmp_path / "a") if m["event"] == "train"][: len(emb)]
     cfg.distillation.teacher_cache.top_k = 8
     cfg.output.dir = str(tmp_path / "c")
     with pytest.raises(ConfigError, match="built for different inputs.*top_k"):
@@ -230,15 +251,20 @@ def test_real_minilm_encoder_teacher_few_steps(stdlib_text: Path, tmp_path: Path
         "student:\n  init_from_teacher: [0, 2, 5]\n"
         "distillation:\n  progressive:\n    enabled: true\n    layer_mapping: [[0, 1], [1, 3], [2, 5]]\n    weight: 1.0\n"
         "  attention:\n    enabled: true\n    weight: 0.1\n"
+        "  embedding:\n    enabled: true\n"
+        "  teacher_cache:\n    enabled: true\n"
         "training:\n  max_steps: 6\n  batch_size: 4\n  learning_rate: 2e-4\n  logging_steps: 1\n  eval_batches: 2\n"
         f"dataset:\n  path: {stdlib_text}\n  max_length: 64\n  eval_fraction: 0.2\n"
         f"output:\n  dir: {out}\n"
     )
     summary = run(validate_text(text, DistillationYamlConfig, "m.yaml"), RunOptions(progress=False))
     train = [m for m in read_metrics(out) if m["event"] == "train"]
-    assert all(m["loss_hidden"] > 0 and m["loss_attn"] > 0 for m in train)
+    assert all(m["loss_hidden"] > 0 and m["loss_attn"] > 0 and m["loss_embedding"] > 0 for m in train)
     assert train[-1]["loss_hidden"] < train[0]["loss_hidden"]
+    assert train[-1]["loss_embedding"] < train[0]["loss_embedding"]
     assert summary["student"]["embedding_cosine"] > summary["student_before"]["embedding_cosine"]
+    # an encoder has no logits: the cache holds its hidden states and attention maps only
+    assert summary["teacher_cache"]["size_bytes"] > 0 and summary["teacher_cache"]["misses"] > 0
     model = AutoModel.from_pretrained(out)
     assert model.config.num_hidden_layers == 3 and model.config.hidden_size == 384
 

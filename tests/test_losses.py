@@ -12,7 +12,9 @@ from entrenar_cli.losses import (
     AttentionTransfer,
     DistillationLoss,
     ProgressiveDistillation,
+    embedding_cosine_sum,
     kd_terms,
+    pool,
     topk_teacher,
 )
 
@@ -103,6 +105,25 @@ def test_attention_transfer_value_and_head_averaging() -> None:
     c = torch.softmax(torch.randn(2, 1, 5, 5), -1)
     ref = sum(((a[i].mean(0) / a[i].mean(0).norm()) - (c[i, 0] / c[i, 0].norm())).pow(2).sum() for i in range(2)) / 2
     assert AttentionTransfer().weight(0.1).compute_loss([c], [a]).item() == pytest.approx(0.1 * ref.item(), rel=1e-5)
+
+
+def test_pooling_ignores_padding_and_picks_first_or_last_real_token() -> None:
+    h = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [100.0, 100.0]]])  # third token is padding
+    mask = torch.tensor([[1, 1, 0]])
+    assert pool(h, mask, "mean").tolist() == [[2.0, 1.0]]
+    assert pool(h, mask, "cls").tolist() == [[1.0, 0.0]]
+    assert pool(h, mask, "last").tolist() == [[3.0, 2.0]]
+
+
+def test_embedding_cosine_term_values_and_gradient() -> None:
+    mask = torch.ones(3, 2)
+    t = torch.tensor([[[1.0, 0.0]] * 2, [[0.0, 1.0]] * 2, [[1.0, 1.0]] * 2])
+    # same direction (any scale) -> 0; orthogonal -> 1; opposite -> 2
+    s = torch.tensor([[[5.0, 0.0]] * 2, [[1.0, 0.0]] * 2, [[-1.0, -1.0]] * 2], requires_grad=True)
+    per_seq = [0.0, 1.0, 2.0]
+    assert embedding_cosine_sum(s, t, mask).item() == pytest.approx(sum(per_seq), abs=1e-6)
+    embedding_cosine_sum(s, t, mask).backward()
+    assert s.grad is not None and s.grad[0].abs().max().item() < 1e-6 and s.grad[1].abs().max().item() > 0
 
 
 @pytest.mark.parametrize("T,alpha", [(1.0, 1.0), (2.0, 0.5), (1.0, 0.0)])

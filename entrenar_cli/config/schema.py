@@ -170,6 +170,22 @@ class AttentionSettings(Section):
         return self
 
 
+class EmbeddingSettings(Section):
+    """Sentence-embedding matching: cosine between the pooled last hidden states of student and teacher.
+
+    The objective sentence-transformers uses to distil embedding models (Reimers & Gurevych 2020):
+    it trains exactly what users of an encoder consume, the pooled vector, so a student whose token
+    states are still off can already give the teacher's embeddings. Needs equal hidden sizes (the
+    student's embedding must live in the teacher's space to replace it).
+    """
+
+    enabled: bool = Field(False, description="Turn the pooled-embedding cosine loss on.")
+    weight: float = Field(1.0, ge=0, le=1, description="Weight of the (1 - cosine) term, per sequence.")
+    pooling: Literal["mean", "cls", "last"] = Field(
+        "mean", description="How a sequence becomes one vector: mean over real tokens, the first token, or the last."
+    )
+
+
 class TeacherCacheSettings(Section):
     """Precompute teacher outputs once and reuse them across epochs and runs."""
 
@@ -195,6 +211,7 @@ class DistillationSettings(Section):
     )
     progressive: ProgressiveSettings = Field(default_factory=ProgressiveSettings)
     attention: AttentionSettings = Field(default_factory=AttentionSettings)
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     teacher_cache: TeacherCacheSettings = Field(default_factory=TeacherCacheSettings)
 
     @model_validator(mode="after")
@@ -224,6 +241,7 @@ class TrainingSettings(Section):
     )
     device: Device = Field("auto", description="auto picks CUDA, then MPS, then CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    compile: bool = Field(False, description="torch.compile the student and the teacher (GPUs; the first steps compile).")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps (and at the end).")
     eval_batches: int = Field(8, gt=0, description="Held-out batches per evaluation.")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")

@@ -135,10 +135,16 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
                 pairs = list(zip(range(n_s), t_layers))
             dist.attention.layer_mapping = pairs
         _check_mapping("distillation.attention.layer_mapping", dist.attention.layer_mapping, n_s, n_t, False)
-    if task == "base" and not (dist.progressive.enabled or dist.attention.enabled):
+    if task == "base" and not (dist.progressive.enabled or dist.attention.enabled or dist.embedding.enabled):
         raise ConfigError(
             "the teacher has no language-model head, so there are no logits to distill",
-            hint="enable distillation.progressive and/or distillation.attention for encoder teachers",
+            hint="enable distillation.embedding, progressive and/or attention for encoder teachers",
+        )
+    if dist.embedding.enabled and models.hidden_size(student) != models.hidden_size(teacher):
+        raise ConfigError(
+            f"distillation.embedding: the student's hidden size {models.hidden_size(student)} differs from the "
+            f"teacher's {models.hidden_size(teacher)}, so their embeddings cannot be compared",
+            hint="use a student of the teacher's width (e.g. student.init_from_teacher) or turn embedding off",
         )
     max_pos = getattr(teacher.config, "max_position_embeddings", None)
     if max_pos and cfg.dataset.max_length > max_pos:
@@ -159,7 +165,7 @@ def build_objective(su: DistillSetup, cache: Any = None) -> Any:
 
     return DistillObjective(su.teacher, su.cfg.distillation, task=su.task, vocab=su.vocab,
                             student_dim=models.hidden_size(su.student), teacher_dim=models.hidden_size(su.teacher),
-                            mlm_info=_mlm_info(su), cache=cache)
+                            mlm_info=_mlm_info(su), cache=cache, teacher_layers=models.num_layers(su.teacher))
 
 
 def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
@@ -174,7 +180,12 @@ def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
     from entrenar_cli.teacher_cache import TeacherCache, data_fingerprint, weights_fingerprint
 
     dist = su.cfg.distillation
-    hidden = sorted({t for _, t in dist.progressive.layer_mapping}) if dist.progressive.enabled else []
+    hidden_set = {t for _, t in dist.progressive.layer_mapping} if dist.progressive.enabled else set()
+    if dist.embedding.enabled:
+        from entrenar_cli import models
+
+        hidden_set.add(models.num_layers(su.teacher) - 1)
+    hidden = sorted(hidden_set)
     attn = sorted({t for _, t in dist.attention.layer_mapping or []}) if dist.attention.enabled else []
     manifest = {
         "teacher": su.teacher_name, "weights": weights_fingerprint(su.teacher_dir),
@@ -232,8 +243,7 @@ def _memory_estimate(su: DistillSetup) -> int | None:
     try:
         tr = su.cfg.training
         lora = su.cfg.student.lora
-        student_cfg = su.student.config.to_dict() if not hasattr(su.student, "base_model") else \
-            su.student.base_model.model.config.to_dict()
+        student_cfg = su.student.config.to_dict()  # a PeftModel forwards .config to its base model
         est = estimate_training(
             student_cfg, method="lora" if lora else "full", rank=lora.rank if lora else 16,
             target_modules=lora.target_modules if lora else None, batch_size=tr.batch_size,

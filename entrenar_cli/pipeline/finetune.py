@@ -75,8 +75,14 @@ def load_base(cfg: FineTuneYamlConfig, loc: Any, task: str) -> Any:
 
     quant = _quantization_config(cfg)
     compute = quant.bnb_4bit_compute_dtype if cfg.quantization.bits == 4 else torch.float32
+    dev = cfg.training.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # quantize straight onto the training device: bitsandbytes' CUDA kernels, not a CPU pass then a copy
+    device_map = {"": torch.device(dev).index or 0} if dev.startswith("cuda") else None
     model = AutoModelForCausalLM.from_pretrained(loc.path, quantization_config=quant, dtype=compute,
-                                                 trust_remote_code=src.trust_remote_code, use_safetensors=True)
+                                                 trust_remote_code=src.trust_remote_code, use_safetensors=True,
+                                                 device_map=device_map)
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
