@@ -13,6 +13,7 @@ data position, scheduler state, counters).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -76,6 +77,9 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune to the newest ``keep``."""
     target = checkpoint_root(output_dir) / f"step-{step:06d}"
+    if target.parent.is_dir():
+        for stale in target.parent.glob(".step-*"):  # leftovers of a write or prune killed midway
+            shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(target) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         opt_tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict())
@@ -89,7 +93,11 @@ def save_checkpoint(
         # written last: its presence marks a complete checkpoint even without the atomic rename
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed out of the listing first: a kill during the delete cannot leave a checkpoint
+        # that has its trainer_state.json but lost its weights
+        doomed = old.with_name(f".{old.name}.pruned")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return target
 
 

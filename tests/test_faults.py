@@ -4,6 +4,7 @@ non-finite steps are skipped and then stop the run."""
 from __future__ import annotations
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -60,6 +61,42 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_llama: Path, 
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+def _latest_step(out: Path) -> int:
+    from entrenar_cli.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(out)
+    return int(ckpt.name.split("-")[1]) if ckpt else 0
+
+
+def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tiny_llama: Path, stdlib_text: Path,
+                                                                     tmp_path: Path) -> None:
+    """kill -9 (no handler runs) while a checkpoint is written every step, three times, then resume."""
+    from entrenar_cli.checkpoint import list_checkpoints, load_checkpoint
+
+    cfg, out = tmp_path / "k.yaml", tmp_path / "k"
+    cfg.write_text(_yaml(tiny_llama, stdlib_text, out, 30, extra="  save_steps: 1\n"))
+    rng = random.Random(0)
+    for attempt in range(3):
+        before = _latest_step(out)
+        proc = _entrenar("distill", str(cfg), "--quiet", *(["--resume"] if attempt else []))
+        deadline = time.time() + 300
+        while time.time() < deadline and _latest_step(out) < before + 2 and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.3))  # lands inside a checkpoint write or between two
+        proc.kill()
+        proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+        complete = list_checkpoints(out)
+        assert complete and _latest_step(out) > before
+        for ckpt in complete:  # everything that looks complete is complete
+            trainable, _, _, state = load_checkpoint(ckpt)
+            assert trainable and state["step"] == int(ckpt.name.split("-")[1])
+    proc = _entrenar("distill", str(cfg), "--quiet", "--resume")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    assert load_file(str(out / "model.safetensors"))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 30
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path: Path) -> None:

@@ -93,6 +93,24 @@ def test_safetensors_model_fetched_and_loads_with_transformers(hub: hubserver.Fi
     assert torch.equal(model.model.embed_tokens.weight, original["model.embed_tokens.weight"])
 
 
+def test_concurrent_fetches_of_one_repo_share_the_cache_safely(hub: hubserver.FixtureHub, tmp_path: Path) -> None:
+    """Three processes fetch the same sharded repo at once (as parallel CI jobs do)."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-m", "entrenar_cli", "fetch", "tests/tiny-llama-sharded", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _, _ in results), [err[-1500:] for _, _, err in results]
+    docs = [json.loads(out) for _, out, _ in results]
+    assert len({d["path"] for d in docs}) == 1 and len({d["revision"] for d in docs}) == 1
+    path, repo = Path(docs[0]["path"]), hub.server.repo("tests/tiny-llama-sharded")
+    for name in file_names(docs[0]):
+        assert (path / name).read_bytes() == (repo / name).read_bytes(), name
+    blobs = tmp_path / "hf" / "hub" / "models--tests--tiny-llama-sharded" / "blobs"
+    assert not [p.name for p in blobs.iterdir() if p.name.endswith(".incomplete")]
+
+
 def test_human_report_names_commit_path_files_and_architecture(hub: hubserver.FixtureHub) -> None:
     result = runner.invoke(app, ["fetch", "tests/tiny-llama-sharded"])
     assert result.exit_code == 0, result.output
