@@ -112,3 +112,12 @@ def test_runtime_error_exit_code_in_subprocess(tmp_path: Path) -> None:
     bad.write_text("teacher: [1, 2\n")
     proc = _run("validate", str(bad))
     assert proc.returncode == 2 and "invalid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_memory_line_says_what_the_peak_counts() -> None:
+    from entrenar_cli.pipeline.common import memory_phrase
+
+    cpu = memory_phrase({"device": "cpu", "peak_mem_bytes": 3 * 2**30, "estimated_mem_bytes": 2**30})
+    assert cpu == "peak RSS 3.00 GiB (whole process; training-memory estimate 1.00 GiB)"
+    gpu = memory_phrase({"device": "cuda", "peak_mem_bytes": 2**30, "estimated_mem_bytes": None})
+    assert gpu == "peak GPU memory 1.00 GiB"

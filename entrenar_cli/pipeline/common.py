@@ -148,3 +148,18 @@ def refresh_report(out: Path) -> Path | None:
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def memory_phrase(summary: dict[str, Any]) -> str:
+    """What the peak-memory number is, said plainly, with the estimate it compares to.
+
+    On a GPU the allocator's peak is training memory; on a CPU the peak RSS also holds the Python
+    runtime and libraries (about 0.5 GiB), which the training-memory estimate leaves out.
+    """
+    peak = human_bytes(summary.get("peak_mem_bytes") or 0)
+    est = summary.get("estimated_mem_bytes")
+    if summary.get("device") == "cuda":
+        text = f"peak GPU memory {peak}"
+        return text + (f" (estimate {human_bytes(est)})" if est else "")
+    text = f"peak RSS {peak}"
+    return text + (f" (whole process; training-memory estimate {human_bytes(est)})" if est else "")

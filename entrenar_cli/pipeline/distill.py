@@ -423,9 +423,11 @@ def print_summary(summary: dict[str, Any]) -> None:
     from entrenar_cli.console import out
     from entrenar_cli.fsutil import human_bytes
 
+    from entrenar_cli.pipeline.common import memory_phrase
+
     t, s, b = summary["teacher"], summary["student"], summary.get("student_before", {})
     table = Table(title=f"distillation {summary['status']}: {summary['steps']} steps, "
-                        f"{summary['tokens_per_s']:.0f} tokens/s, peak memory {human_bytes(summary['peak_mem_bytes'])}")
+                        f"{summary['tokens_per_s']:.0f} tokens/s, {memory_phrase(summary)}")
     table.add_column("")
     table.add_column("teacher", justify="right")
     table.add_column("student before", justify="right")

@@ -296,15 +296,13 @@ def _on_eval(out: Path, record: dict[str, Any]) -> None:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     from entrenar_cli.console import out
-    from entrenar_cli.fsutil import human_bytes
+    from entrenar_cli.pipeline.common import memory_phrase
 
     s = summary["student"]
     before = (summary.get("student_before") or {}).get("perplexity")
-    est = summary.get("estimated_mem_bytes")
     out.print(
         f"fine-tuning ({summary['method']}) {summary['status']}: {summary['steps']} steps, "
         f"{summary['tokens_per_s']:.0f} tokens/s; held-out perplexity "
         + (f"{before:.4g} -> " if before else "") + (f"{s['perplexity']:.4g}" if "perplexity" in s else "-")
-        + f"; peak memory {human_bytes(summary['peak_mem_bytes'])}"
-        + (f" (estimate {human_bytes(est)})" if est else "")
+        + f"; {memory_phrase(summary)}"
     )
