@@ -151,10 +151,14 @@ def pool(hidden: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
     return (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
 
 
+def pooled_cosine(student_h: Tensor, teacher_h: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
+    """``cos(pool(student), pool(teacher))`` per sequence: ``[b]``."""
+    return F.cosine_similarity(pool(student_h, mask, how), pool(teacher_h, mask, how), dim=-1)
+
+
 def embedding_cosine_sum(student_h: Tensor, teacher_h: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
     """Sum over sequences of ``1 - cos(pool(student), pool(teacher))``: 0 when the embeddings agree."""
-    cos = F.cosine_similarity(pool(student_h, mask, how), pool(teacher_h, mask, how), dim=-1)
-    return (1.0 - cos).sum()
+    return (1.0 - pooled_cosine(student_h, teacher_h, mask, how)).sum()
 
 
 def attention_transfer_sum(student_a: Tensor, teacher_a: Tensor, mask: Tensor) -> Tensor:

@@ -9,7 +9,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from entrenar_cli.losses import (
@@ -19,7 +18,7 @@ from entrenar_cli.losses import (
     embedding_cosine_sum,
     fused_forward_kd,
     kd_terms,
-    pool,
+    pooled_cosine,
 )
 
 MLM_PROBABILITY = 0.15
@@ -108,7 +107,9 @@ class DistillObjective:
 
     def __init__(self, teacher: nn.Module, settings: Any, *, task: str, vocab: int,
                  student_dim: int, teacher_dim: int, mlm_info: dict[str, int] | None = None,
-                 cache: Any = None, teacher_layers: int | None = None):
+                 cache: Any = None):
+        from entrenar_cli.models import num_layers
+
         self.teacher = teacher.eval().requires_grad_(False)
         self.s = settings
         self.task = task
@@ -118,7 +119,7 @@ class DistillObjective:
         self.embedding = settings.embedding.enabled
         self.need_hidden = settings.progressive.enabled or self.embedding
         # the teacher's last block, the one sentence embeddings are pooled from
-        self.teacher_last = (teacher_layers or 0) - 1
+        self.teacher_last = num_layers(teacher) - 1
         self.need_attn = settings.attention.enabled
         self.progressive = (
             ProgressiveDistillation(settings.progressive.layer_mapping, student_dim, teacher_dim)
@@ -135,8 +136,10 @@ class DistillObjective:
         return []
 
     def to(self, device: torch.device) -> None:
-        """The teacher runs where the student trains (on a GPU, both live in its memory)."""
+        """The teacher (and the hidden-state projections) live where the student trains."""
         self.teacher.to(device)
+        if self.progressive is not None:
+            self.progressive.to(device)
 
     def compile(self) -> None:
         self.teacher.compile()
@@ -251,8 +254,7 @@ class DistillObjective:
                     s_last = s_out.hidden_states[-1].float()
                     t_last = t_out.hidden_states[-1].float()
                     if s_last.shape[-1] == t_last.shape[-1]:
-                        how = self.s.embedding.pooling
-                        cos = F.cosine_similarity(pool(s_last, mask, how), pool(t_last, mask, how), dim=-1)
+                        cos = pooled_cosine(s_last, t_last, mask, self.s.embedding.pooling)
                         totals["cos"] = totals.get("cos", 0.0) + float(cos.sum())
                         totals["seqs"] = totals.get("seqs", 0.0) + float(cos.numel())
                         mse = ((s_last - t_last).pow(2).mean(-1) * mask).sum()

@@ -50,10 +50,19 @@ class Objective(Protocol):
         """Parameters trained with the model but not saved with it (e.g. hidden-state projections)."""
 
     def to(self, device: torch.device) -> None:
-        """Move what the objective owns (a teacher) to the training device."""
+        """Move what the objective owns (a teacher, extra parameters) to the training device."""
 
     def compile(self) -> None:
         """torch.compile what the objective runs besides the model (a teacher)."""
+
+
+def resolve_device(requested: str) -> torch.device:
+    """auto: CUDA, then MPS, then CPU."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -136,9 +145,7 @@ class Engine:
         self.objective = objective
         self.train_blocks = train_blocks
         self.eval_blocks = eval_blocks
-        cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()
-                                           and not torch.backends.mps.is_available())
-        self.accelerator = accelerator or Accelerator(cpu=cpu)
+        self.accelerator = accelerator or Accelerator(cpu=resolve_device(settings.device).type == "cpu")
         self.device = self.accelerator.device
         self.precision = resolve_precision(settings.mixed_precision, self.device)
         self.autocast_dtype = precision_dtype(self.precision)
@@ -161,8 +168,6 @@ class Engine:
             self.model.compile()
             objective.compile()
         extra = list(objective.extra_parameters())
-        for p in extra:
-            p.data = p.data.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad] + extra
         if not params:
             raise TrainingError("nothing to train: every parameter is frozen")

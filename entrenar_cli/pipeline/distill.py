@@ -48,15 +48,9 @@ class DistillSetup:
 
 
 def _precision_and_device(settings: Any) -> tuple[str, Any]:
-    import torch
+    from entrenar_cli.trainer import resolve_device, resolve_precision
 
-    from entrenar_cli.trainer import resolve_precision
-
-    if settings.device == "auto":
-        dev = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    else:
-        dev = settings.device
-    device = torch.device(dev)
+    device = resolve_device(settings.device)
     return resolve_precision(settings.mixed_precision, device), device
 
 
@@ -165,7 +159,7 @@ def build_objective(su: DistillSetup, cache: Any = None) -> Any:
 
     return DistillObjective(su.teacher, su.cfg.distillation, task=su.task, vocab=su.vocab,
                             student_dim=models.hidden_size(su.student), teacher_dim=models.hidden_size(su.teacher),
-                            mlm_info=_mlm_info(su), cache=cache, teacher_layers=models.num_layers(su.teacher))
+                            mlm_info=_mlm_info(su), cache=cache)
 
 
 def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
@@ -422,7 +416,6 @@ def print_summary(summary: dict[str, Any]) -> None:
 
     from entrenar_cli.console import out
     from entrenar_cli.fsutil import human_bytes
-
     from entrenar_cli.pipeline.common import memory_phrase
 
     t, s, b = summary["teacher"], summary["student"], summary.get("student_before", {})

@@ -58,7 +58,7 @@ def _quantization_config(cfg: FineTuneYamlConfig) -> Any:
                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=compute)
 
 
-def load_base(cfg: FineTuneYamlConfig, loc: Any, task: str) -> Any:
+def load_base(cfg: FineTuneYamlConfig, loc: Any, task: str, device: Any) -> Any:
     """The model to train: fp32 for full/LoRA, k-bit through bitsandbytes for QLoRA."""
     import torch
 
@@ -75,11 +75,8 @@ def load_base(cfg: FineTuneYamlConfig, loc: Any, task: str) -> Any:
 
     quant = _quantization_config(cfg)
     compute = quant.bnb_4bit_compute_dtype if cfg.quantization.bits == 4 else torch.float32
-    dev = cfg.training.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
     # quantize straight onto the training device: bitsandbytes' CUDA kernels, not a CPU pass then a copy
-    device_map = {"": torch.device(dev).index or 0} if dev.startswith("cuda") else None
+    device_map = {"": device.index or 0} if device.type == "cuda" else None
     model = AutoModelForCausalLM.from_pretrained(loc.path, quantization_config=quant, dtype=compute,
                                                  trust_remote_code=src.trust_remote_code, use_safetensors=True,
                                                  device_map=device_map)
@@ -148,7 +145,7 @@ def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
     from entrenar_cli.data import load_blocks
     from entrenar_cli.pipeline.distill import _precision_and_device
 
-    precision, _device = _precision_and_device(cfg.training)
+    precision, device = _precision_and_device(cfg.training)
     src = cfg.model
     loc = models.open_source(src)
     tokenizer = models.load_tokenizer(loc, src.trust_remote_code)
@@ -156,7 +153,7 @@ def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
     if cfg.method == "qlora" and task != "causal":
         raise ConfigError(f"method 'qlora' supports causal language models; {src.model_id} is a {task} model")
     info(f"loading {src.model_id} for {cfg.method} fine-tuning")
-    model = load_base(cfg, loc, task)
+    model = load_base(cfg, loc, task, device)
     if cfg.method in ("lora", "qlora"):
         model = models.apply_lora(model, cfg.lora)
     max_pos = getattr(model.config, "max_position_embeddings", None)
