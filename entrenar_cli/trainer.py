@@ -248,9 +248,9 @@ class Engine:
             return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return torch.autocast(self.device.type, enabled=False)
 
-    def _run_step(self) -> dict[str, Tensor]:
+    def _run_step(self, batches: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
         """Forward/backward over the step's micro-batches; loss normalised by the step's tokens."""
-        batches = self._step_batches()
+        batches = self._step_batches() if batches is None else batches
         n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         n_seqs = sum(int(b["input_ids"].shape[0]) for b in batches)
         counts = torch.tensor([n_tokens, n_seqs], dtype=torch.float64, device=self.device)
@@ -477,6 +477,35 @@ class Engine:
         if self.opts.on_eval and self.is_main:
             self.opts.on_eval(record)
         return metrics
+
+    def step(self, batches: list[dict[str, Tensor]]) -> dict[str, float]:
+        """One optimizer step on caller-given micro-batches (the Python API's per-batch step).
+
+        The same forward/backward, token normalisation, clipping, non-finite skip and schedule as
+        :meth:`train`; returns the step's mean loss terms (as ``train`` logs them) and ``grad_norm``.
+        """
+        logged = self._run_step([self._to_device(b) for b in batches])
+        norm = self._optimizer_step()
+        self.scheduler.step()
+        self.state.step += 1
+        if math.isfinite(norm):
+            self.state.bad_in_row = 0
+            self.state.tokens += int(logged["tokens"]) * self.world
+        else:
+            self.state.skipped_steps += 1
+            self.state.bad_in_row += 1
+            if self.state.bad_in_row >= self.s.max_bad_steps:
+                raise TrainingError(f"{self.state.bad_in_row} optimizer steps in a row had non-finite loss or "
+                                    f"gradients (step {self.state.step})",
+                                    hint="lower training.learning_rate, or use training.mixed_precision fp32")
+        tokens = max(1.0, float(logged["tokens"]))
+        seqs = max(1.0, float(logged["sequences"]))
+        out = {k: float(v) / (seqs if k in SEQUENCE_TERMS else tokens)
+               for k, v in logged.items() if k.startswith("loss") and k != "loss_seq"}
+        if "loss_seq" in logged:
+            out["loss"] = out.get("loss", 0.0) + float(logged["loss_seq"]) / seqs
+        out["grad_norm"] = norm
+        return out
 
 
 def peak_memory_bytes(device: torch.device) -> int:
