@@ -25,6 +25,7 @@ Divergences (per token, at temperature T, ``p = softmax(student/T)``, ``q = soft
 
 * ``forward_kl``  KL(q || p)
 * ``reverse_kl``  KL(p || q)
+* ``skew_kl``     KL(q || lam * q + (1 - lam) * p), lam = ``losses.SKEW`` (DistiLLM)
 * ``jsd``         generalised JSD with mixture ``m = beta * q + (1 - beta) * p``:
                   ``beta * KL(q || m) + (1 - beta) * KL(p || m)`` (TRL/GKD convention); ``beta = 0.5``
                   is today's symmetric JSD in :func:`entrenar_cli.losses._divergence`.
@@ -44,11 +45,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from entrenar_cli import losses as _losses
 from entrenar_cli.losses import IGNORE_INDEX, KDTerms
 
 # Default memory budget for one chunk's fp32 [rows x vocab] temporaries.
 DEFAULT_BUDGET_BYTES = 256 * 2**20
-KINDS = ("forward_kl", "reverse_kl", "jsd")
+KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl")
+# skew KL's teacher share (losses.SKEW: DistiLLM's 0.1)
+SKEW: float = getattr(_losses, "SKEW", 0.1)
 # fp32 [rows x vocab] buffers alive at once at the peak of a chunk: student logits, student log-probs,
 # teacher log-probs, teacher probs or the JSD mixture, a transient of logsumexp/logaddexp, the matmul's
 # output before its fp32 upcast (half a buffer in bf16), and one spare. CE alone needs fewer.
@@ -174,6 +178,16 @@ def _chunk(s: Tensor, y: Tensor, teacher: Tensor | tuple[Tensor, Tensor, Tensor]
                 soft = d_rows.sum()
                 if need_grad:  # dD/dz = p * (log p - log q - D)
                     g = logr.sub_(d_rows.unsqueeze(-1)).mul_(p_s)
+            elif cfg.kind == "skew_kl":
+                lam = SKEW
+                m = torch.logaddexp(t_logp + math.log(lam), s_logp + math.log1p(-lam))
+                p = t_logp.exp()
+                diff = t_logp.sub_(m)
+                soft = torch.dot(p.view(-1), diff.view(-1))
+                if need_grad:  # dD/dz = -(1 - lam) * p * (r - <p, r>),  r = q / m
+                    r = diff.exp_()
+                    p_s = torch.exp(s_logp, out=p)
+                    g = r.sub_(_rowdot(p_s, r).unsqueeze(-1)).mul_(p_s).mul_(-(1.0 - lam))
             elif cfg.kind == "jsd":
                 beta = cfg.beta
                 m = torch.logaddexp(s_logp + math.log1p(-beta), t_logp + math.log(beta))
