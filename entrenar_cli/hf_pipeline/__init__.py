@@ -38,7 +38,7 @@ _NAMES = {
     "TeacherCache": "cache", "CachedOutputs": "cache", "DiskTeacherCache": "cache",
     # export
     "Exporter": "export", "ExportFormat": "export", "ExportResult": "export", "ModelWeights": "export",
-    "ModelMetadata": "export", "export_student": "export",
+    "ModelMetadata": "export",
     # errors
     "EntrenarError": "errors", "ConfigError": "errors", "UsageError": "errors",
 }

@@ -216,7 +216,8 @@ class TrainerConfig:
         data = {"teacher": self.teacher.model_dump(), "student": self.student.model_dump(),
                 "distillation": self.distillation.model_dump(), "training": self.training.model_dump(),
                 "dataset": dataset, "output": output}
-        return _validated(DistillationYamlConfig, data, "TrainerConfig.to_yaml_config(dataset_path=..., output_dir=...)")
+        return _validated(DistillationYamlConfig, data,
+                          "TrainerConfig.to_yaml_config(dataset_path=..., output_dir=...)")
 
     def copy(self) -> "TrainerConfig":
         return copy.deepcopy(self)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from entrenar_cli.errors import UsageError
@@ -59,16 +58,4 @@ class Exporter(New, _Exporter):
         return super().export(weights)
 
 
-def export_student(trainer: Any, out: str | Path, fmt: ExportFormat | str = ExportFormat.SafeTensors,
-                   name: str = "student") -> ExportResult:
-    """Export a :class:`DistillationTrainer`'s student (weights, config and the teacher's tokenizer)."""
-    student = trainer._student_module()
-    from entrenar_cli import models
-
-    plain = models.plain_model(student)
-    tok_dir = getattr(trainer.teacher, "path", None)
-    weights = ModelWeights.from_model(plain, name=name, source=str(tok_dir or ""), tokenizer_dir=tok_dir)
-    return Exporter(out).format(fmt).export(weights)
-
-
-__all__ = ["ExportFormat", "ExportResult", "Exporter", "ModelMetadata", "ModelWeights", "export_student"]
+__all__ = ["ExportFormat", "ExportResult", "Exporter", "ModelMetadata", "ModelWeights"]

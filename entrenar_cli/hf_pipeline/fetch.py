@@ -111,7 +111,8 @@ class HfModelFetcher(_hub_models.HfModelFetcher):
             raise UsageError(
                 "FetchOptions.format(WeightFormat.PyTorch) downloads pickle weights, which can run arbitrary code "
                 "when loaded",
-                hint="add .allow_pickle(True) to the FetchOptions if you trust this repo, or use WeightFormat.SafeTensors",
+                hint="add .allow_pickle(True) to the FetchOptions if you trust this repo, "
+                "or use WeightFormat.SafeTensors",
             )
         return super().download_model(repo_id, opts)
 

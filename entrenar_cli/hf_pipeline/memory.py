@@ -112,7 +112,8 @@ class MemoryEstimate:
         """Weight bytes in fp32 | bf16 | fp16 | int8 | int4 (nf4)."""
         key = {"nf4": "int4"}.get(dtype, dtype)
         if key not in ("fp32", "bf16", "fp16", "int8", "int4"):
-            raise UsageError(f"unknown weight dtype {dtype!r}", hint="pass dtype='fp32', 'bf16', 'fp16', 'int8' or 'int4'")
+            raise UsageError(f"unknown weight dtype {dtype!r}",
+                             hint="pass dtype='fp32', 'bf16', 'fp16', 'int8' or 'int4'")
         return int(getattr(self, f"{key}_bytes"))
 
     def fits_in(self, budget_bytes: int, dtype: str = "fp16") -> bool:

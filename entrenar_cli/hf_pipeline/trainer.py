@@ -28,7 +28,7 @@ from entrenar_cli.config.schema import OutputSettings
 from entrenar_cli.errors import ConfigError, TrainingError, UsageError
 from entrenar_cli.hf_pipeline._api import as_tensor, python_errors, schema_default
 from entrenar_cli.hf_pipeline.config import TrainerConfig
-from entrenar_cli.hf_pipeline.dataset import Dataset, _empty_like
+from entrenar_cli.hf_pipeline.dataset import Dataset
 from entrenar_cli.hf_pipeline.teacher import SafeTensorsTeacher, TeacherModel
 
 
@@ -129,6 +129,11 @@ class DistillationTrainer:
         if st.init_from_teacher is not None:
             n_t = models.num_layers(teacher)
             spec = st.init_from_teacher.layers
+            if getattr(st.init_from_teacher, "strategy", "spread") != "spread":
+                # importance scores need training data, which DistillationTrainer only gets later
+                raise UsageError("DistillationTrainer builds teacher-layer students with the 'spread' strategy only",
+                                 hint="pass explicit teacher layer indices, "
+                                 "e.g. TrainerConfig(teacher, student=[0, 5, 11])")
             if isinstance(spec, int) and spec > n_t:
                 raise ConfigError(f"TrainerConfig(teacher, student={spec}): {spec} layers asked, the teacher has {n_t}")
             layers = models.spread_layers(n_t, spec) if isinstance(spec, int) else list(spec)
@@ -172,7 +177,8 @@ class DistillationTrainer:
         if dist.embedding.enabled and models.hidden_size(student) != models.hidden_size(teacher):
             raise ConfigError(f"with_embedding: the student's hidden size {models.hidden_size(student)} differs "
                               f"from the teacher's {models.hidden_size(teacher)}",
-                              hint="use a student of the teacher's width, e.g. TrainerConfig(teacher, student=<layers>)")
+                              hint="use a student of the teacher's width, "
+                              "e.g. TrainerConfig(teacher, student=<layers>)")
         student_tok = getattr(self, "student_tokenizer", None)
         if self.teacher.tokenizer is not None:
             vocab, _ = models.check_vocab(self.teacher.tokenizer, student_tok, teacher, student)
@@ -207,9 +213,10 @@ class DistillationTrainer:
                                  hint="iterate Dataset.batches(n), or set TrainerConfig.max_steps(n)")
             per_step = tr.batch_size * tr.gradient_accumulation
             train_blocks = _CallerBatches(tr.max_steps * per_step, batch_len or 1)
-            from entrenar_cli.data import BlockDataset, TokenStore
-
+            train_blocks.causal = self.teacher.task == "causal"
             import numpy as np
+
+            from entrenar_cli.data import BlockDataset, TokenStore
 
             eval_blocks = BlockDataset(TokenStore(np.zeros(0, dtype=np.uint32), None, 0), batch_len or 1)
             pad = 0
@@ -332,11 +339,11 @@ class DistillationTrainer:
             ids, logits = ids.unsqueeze(0), logits.unsqueeze(0) if logits.dim() == 2 else logits
         y = as_tensor(labels, torch.long).to(device).reshape(ids.shape)
         mask = torch.ones_like(ids) if attention_mask is None else as_tensor(attention_mask, torch.long).to(device)
-        outputs = SimpleNamespace(
-            logits=logits,
-            hidden_states=tuple(as_tensor(h).to(device) for h in student_hiddens) if student_hiddens is not None else None,
-            attentions=tuple(as_tensor(a).to(device) for a in student_attention) if student_attention is not None else None,
-        )
+        def on_device(states: Any) -> tuple[Tensor, ...] | None:
+            return None if states is None else tuple(as_tensor(x).to(device) for x in states)
+
+        outputs = SimpleNamespace(logits=logits, hidden_states=on_device(student_hiddens),
+                                  attentions=on_device(student_attention))
         objective = self.objective
         saved_mlm, objective.mlm_info = objective.mlm_info, None  # the caller's ids and labels, as given
         try:
