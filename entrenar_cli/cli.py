@@ -10,6 +10,7 @@ traceback instead.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from typing import Any, Optional
@@ -18,39 +19,64 @@ import typer
 from typer.core import TyperGroup
 
 from entrenar_cli import __version__
-from entrenar_cli.errors import EXIT_RUNTIME, EntrenarError
+from entrenar_cli.errors import EXIT_RUNTIME, explain
 
 
 def report_error(exc: BaseException) -> int:
-    """Print an error the way users see every error; return the exit code."""
+    """Print an error the way users see every error; return the exit code.
+
+    Errors a user can cause (a full disk, a read-only mount, permissions, a file-size limit, input
+    nested too deeply, out of memory) are explained by :func:`entrenar_cli.errors.explain`; only
+    what it does not know, a genuine bug, reads "unexpected failure".
+    """
     from rich.markup import escape
 
     from entrenar_cli.console import err
 
     if os.environ.get("ENTRENAR_DEBUG"):
         traceback.print_exception(exc)
-    if isinstance(exc, EntrenarError):
-        err.print(f"[bold red]error:[/bold red] {escape(exc.message)}")
-        if exc.hint:
-            err.print(f"[dim]hint:[/dim] {escape(exc.hint)}")
-        return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         err.print("[bold red]interrupted[/bold red]")
         return 130
-    if isinstance(exc, MemoryError):
-        err.print("[bold red]error:[/bold red] out of memory")
-        err.print("[dim]hint:[/dim] lower training.batch_size or dataset.max_length, or run "
-                  "'entrenar estimate' to plan the run")
+    if isinstance(exc, BrokenPipeError):
+        # the reader of our output went away (`entrenar schema | head`): nothing to tell it
+        _silence_stdout()
         return EXIT_RUNTIME
+    known = explain(exc)
+    if known is not None:
+        err.print(f"[bold red]error:[/bold red] {escape(known.message)}")
+        if known.hint:
+            err.print(f"[dim]hint:[/dim] {escape(known.hint)}")
+        return known.exit_code
     err.print(f"[bold red]error:[/bold red] unexpected failure: {type(exc).__name__}: {escape(str(exc))}")
     err.print("[dim]hint:[/dim] rerun with ENTRENAR_DEBUG=1 for the traceback and report it")
     return EXIT_RUNTIME
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real file descriptor (tests capture output)
+
+
+def ignore_file_size_signal() -> None:
+    """Past ``ulimit -f`` the kernel sends SIGXFSZ, which kills the process without a word; ignored,
+    the write fails with EFBIG instead and is reported with the file's name."""
+    if hasattr(signal, "SIGXFSZ"):
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass  # not the main thread
 
 
 class EntrenarGroup(TyperGroup):
     """Maps library errors to messages and exit codes for every command (also under CliRunner)."""
 
     def invoke(self, ctx: Any) -> Any:
+        ignore_file_size_signal()
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException, SystemExit):
@@ -100,9 +126,21 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    ignore_file_size_signal()
     try:
         app()
     except BaseException as exc:  # errors raised outside a command (argument parsing is click's)
         if isinstance(exc, SystemExit):
             raise
         sys.exit(report_error(exc))
+    finally:
+        _flush_stdout()
+
+
+def _flush_stdout() -> None:
+    """Flush now, so output that cannot be written (disk full, closed pipe) is not reported twice
+    by the interpreter at exit; the error itself was already reported."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        _silence_stdout()

@@ -12,10 +12,12 @@ leaks into training through a shared document.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from entrenar_cli.errors import ConfigError, DataError
-from entrenar_cli.fsutil import atomic_path, write_json_atomic
+from entrenar_cli.errors import EXIT_USAGE, ConfigError, DataError, UsageError, shorten_path
+from entrenar_cli.fsutil import atomic_path, name_path, write_json_atomic
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".cfg", ".toml", ".yaml", ".yml", ".html", ".css"}
 STORE_VERSION = 4
@@ -37,8 +39,43 @@ def cache_root() -> Path:
     env = os.environ.get("ENTRENAR_CACHE")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no HOME and no passwd entry
+            raise UsageError("cannot find a cache directory: HOME is not set",
+                             hint="set ENTRENAR_CACHE (or HOME) to a writable directory") from None
     return Path(base) / "entrenar"
+
+
+def ensure_cache_dir(directory: Path) -> Path:
+    """Create a directory under the cache, or say which path is in the way (exit code 2).
+
+    A cache root that is a file, or a file where a cache sub-directory belongs, would otherwise
+    surface as a bare NotADirectoryError far from its cause.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), directory)
+        raise UsageError(f"the cache directory {directory} cannot be created: {blocker} is a file, not a directory",
+                         hint="move that file away, or set ENTRENAR_CACHE to a directory") from None
+    except OSError as exc:
+        raise UsageError(f"the cache directory {directory} cannot be created: {(exc.strerror or str(exc)).lower()}",
+                         hint="set ENTRENAR_CACHE to a writable directory") from None
+    return directory
+
+
+def _unreadable(path: Path, exc: OSError) -> DataError:
+    """A dataset file or directory the operating system refused to read, named."""
+    reason = (exc.strerror or type(exc).__name__).lower()
+    user = isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError)) or exc.errno in (
+        errno.ENAMETOOLONG, errno.ELOOP)
+    hint = ("check the file's permissions (ls -l), or leave it out of dataset.path"
+            if isinstance(exc, PermissionError) else "check dataset.path")
+    return DataError(f"cannot read {shorten_path(exc.filename or path)}: {reason}", hint=hint,
+                     exit_code=EXIT_USAGE if user else None)
 
 
 def expand_path(pattern: str) -> str:
@@ -50,18 +87,35 @@ def resolve_files(pattern: str) -> list[Path]:
     """Files named by a path, directory (recursive) or glob, sorted for determinism."""
     expanded = expand_path(pattern)
     p = Path(expanded)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = [f for f in sorted(p.rglob("*")) if f.is_file() and _kind_of(f, "auto") is not None]
-    else:
-        files = [Path(f) for f in sorted(glob.glob(expanded, recursive=True)) if Path(f).is_file()]
+    try:
+        if p.is_file():
+            return [p]
+        if p.is_dir():
+            files = [f for f in _walk(p) if f.is_file() and _kind_of(f, "auto") is not None]
+        else:
+            files = [Path(f) for f in sorted(glob.glob(expanded, recursive=True)) if Path(f).is_file()]
+    except OSError as exc:
+        raise _unreadable(p, exc) from None
     if not files:
         raise DataError(
             f"dataset.path {pattern!r} matches no files",
             hint="give a file, a directory or a glob such as 'data/**/*.txt' ('{stdlib}' is the Python stdlib)",
         )
     return files
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every entry under ``root``, sorted like ``sorted(root.rglob('*'))``, but a directory that
+    cannot be read is an error naming it (rglob skips it silently: its files would be lost)."""
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
+        base = Path(dirpath)
+        found.extend(base / name for name in (*dirnames, *filenames))
+    return sorted(found)
 
 
 def _kind_of(path: Path, fmt: str) -> str | None:
@@ -104,7 +158,7 @@ def iter_documents(
             try:
                 text = path.read_text(encoding="utf-8", errors="replace")
             except OSError as exc:
-                raise DataError(f"cannot read {path}: {exc}") from None
+                raise _unreadable(path, exc) from None
             if text.strip():
                 yield Document(key=rel, text=text)
         elif kind == "jsonl":
@@ -113,9 +167,24 @@ def iter_documents(
             yield from _iter_parquet(path, text_column, raw_rows, rel)
 
 
+# a \uD800-\uDFFF escape: only lines holding one need the (slower) check for a lone surrogate
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89abcdefABCDEF]")
+
+
 def _iter_jsonl(path: Path, column: str, raw_rows: bool, rel: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    with fh:
+        for lineno, raw in _numbered_lines(fh, path):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+                    hint="JSONL is UTF-8 text with one JSON object per line; check that this is the file you meant",
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -123,6 +192,16 @@ def _iter_jsonl(path: Path, column: str, raw_rows: bool, rel: str) -> Iterator[D
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno}: not valid JSON: {exc.msg}",
                                 hint="JSONL needs one JSON object per line") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: the JSON is nested too deeply to read",
+                                hint="JSONL needs one flat JSON object per line") from None
+            except ValueError as exc:  # e.g. an integer of more than 4300 digits
+                raise DataError(f"{path}:{lineno}: cannot read this JSON: {exc}") from None
+            if _SURROGATE_ESCAPE.search(raw) and _lone_surrogate(row):
+                raise DataError(
+                    f"{path}:{lineno}: a lone surrogate (an unpaired \\udXXX escape) is not valid Unicode text",
+                    hint="fix that line: a UTF-16 surrogate escape needs its pair, or remove it",
+                )
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             if raw_rows:
@@ -136,6 +215,29 @@ def _iter_jsonl(path: Path, column: str, raw_rows: bool, rel: str) -> Iterator[D
             text = row[column]
             if isinstance(text, str) and text.strip():
                 yield Document(key=f"{rel}:{lineno}", text=text)
+
+
+def _numbered_lines(fh: Any, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a binary file; a read error names the file and line."""
+    lineno = 0
+    while True:
+        try:
+            raw = fh.readline()
+        except OSError as exc:
+            raise DataError(f"{path}:{lineno + 1}: cannot read: {(exc.strerror or str(exc)).lower()}") from None
+        if not raw:
+            return
+        lineno += 1
+        yield lineno, raw
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string that cannot be encoded as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _iter_parquet(path: Path, column: str, raw_rows: bool, rel: str) -> Iterator[Document]:
@@ -152,8 +254,17 @@ def _iter_parquet(path: Path, column: str, raw_rows: bool, rel: str) -> Iterator
         raise DataError(f"{path}: no column {column!r} (columns: {', '.join(names)})",
                         hint="set dataset.text_column to the column that holds the text")
     index = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=None if raw_rows else [column]):
-        for row in batch.to_pylist():
+    batches = pf.iter_batches(batch_size=1024, columns=None if raw_rows else [column])
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = batch.to_pylist() if batch is not None else None
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read the rows after row {index}: the Parquet file is corrupt ({exc})",
+                            hint="check or re-download the file") from None
+        if rows is None:
+            break
+        for row in rows:
             index += 1
             if raw_rows:
                 yield Document(key=f"{rel}#{index}", row=row)
@@ -199,7 +310,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def files_fingerprint(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
-        st = f.stat()
+        try:
+            st = f.stat()
+        except OSError as exc:
+            raise _unreadable(f, exc) from None
         h.update(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}\n".encode())
     return h.hexdigest()[:16]
 
@@ -230,9 +344,9 @@ def build_stores(
             info = json.loads(manifest.read_text())
             if info.get("version") == STORE_VERSION and info.get("meta") == (meta or {}):
                 return _open_store(directory, "train", info), _open_store(directory, "eval", info)
-        except (OSError, ValueError, KeyError):
-            pass
-    directory.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an incomplete or damaged store is rebuilt
+    ensure_cache_dir(directory)
     counts = {"train": 0, "eval": 0}
     docs = {"train": 0, "eval": 0}
     any_mask = False
@@ -279,6 +393,9 @@ def build_stores(
                 handles["train"][1].truncate(counts["train"] - len(ids_arr))
                 counts["train"] -= len(ids_arr)
                 docs["train"] -= 1
+        except OSError as exc:  # disk full, file-size limit: say which store
+            name_path(exc, directory)
+            raise
         finally:
             for pair in handles.values():
                 for fh in pair:

@@ -33,6 +33,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync_file(tmp_path)
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
+    except OSError as exc:
+        name_path(exc, target)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -56,9 +59,19 @@ def atomic_dir(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as exc:
+        name_path(exc, target)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def name_path(exc: OSError, path: str | Path) -> None:
+    """Give a write error without a file name (disk full, file-size limit) the path being written,
+    so the message says where."""
+    if exc.filename is None:
+        exc.filename = str(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

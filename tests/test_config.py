@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
+import tracemalloc
+import typing
 from pathlib import Path
 
 import pytest
 
-from entrenar_cli.config import DistillationYamlConfig, FineTuneYamlConfig, validate_text
+from pydantic import BaseModel
+
+from entrenar_cli.config import DistillationYamlConfig, FineTuneYamlConfig, load_config, validate_text
 from entrenar_cli.errors import ConfigError
 
 MINIMAL = """\
@@ -63,7 +68,11 @@ RULES = [
     ("distillation.progressive.weight", ["0", "1"], ["-0.01", "1.01"]),
     ("distillation.attention.weight", ["0", "1"], ["-0.01", "1.5"]),
     ("training.epochs", ["1"], ["0", "-3"]),
-    ("training.batch_size", ["1"], ["0"]),
+    ("training.batch_size", ["1", "65536"], ["0", "65537"]),
+    ("training.seed", ["0", str(2**63 - 1)], ["-1", str(2**63), "1.5"]),
+    ("training.max_steps", ["1", "1000000000"], ["0", "1000000001", "1e400"]),
+    ("training.weight_decay", ["0", "0.1"], ["-0.1", ".inf", ".nan"]),
+    ("training.max_grad_norm", ["0.5"], ["0", ".inf", "-.inf", ".NaN"]),
     ("training.gradient_accumulation", ["1"], ["0"]),
     ("training.learning_rate", ["1e-6", "0.1"], ["0", "0.11"]),
     ("dataset.max_length", ["1", "8192"], ["0", "8193"]),
@@ -196,3 +205,127 @@ def test_schema_files_are_current(repo: Path) -> None:
         stored = (repo / "schemas" / f"{kind}.schema.json").read_text()
         assert stored == json_schema_text(kind), f"schemas/{kind}.schema.json is stale: run 'make schemas'"
         assert json.loads(stored)["additionalProperties"] is False
+
+
+def _float_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted paths of every float field of a config schema (found, not listed: new fields are covered)."""
+    found: list[str] = []
+    for name, field in model.model_fields.items():
+        args = typing.get_args(field.annotation) or (field.annotation,)
+        if float in args:
+            found.append(prefix + name)
+        for arg in args:
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                found.extend(_float_paths(arg, f"{prefix}{name}."))
+    return found
+
+
+def test_every_float_field_rejects_non_finite_numbers() -> None:
+    paths = _float_paths(DistillationYamlConfig)
+    assert "training.weight_decay" in paths and "student.lora.alpha" in paths and len(paths) >= 10
+    for path in paths:
+        for value in (".inf", "-.inf", ".nan"):
+            with pytest.raises(ConfigError) as info:
+                validate_text(MINIMAL, DistillationYamlConfig, "t.yaml", [f"{path}={value}"])
+            assert f"{path}: Input should be a finite number" in str(info.value), (path, str(info.value))
+    ft = "model:\n  model_id: org/m\ndataset:\n  path: d.jsonl\noutput:\n  dir: o\n"
+    for path in _float_paths(FineTuneYamlConfig):
+        with pytest.raises(ConfigError, match="finite number"):
+            validate_text(ft, FineTuneYamlConfig, "f.yaml", [f"{path}=.inf"])
+
+
+def test_duplicate_keys_are_errors_naming_both_lines() -> None:
+    text = MINIMAL + "training:\n  seed: 1\n  seed: 2\ntraining:\n  epochs: 2\n"
+    with pytest.raises(ConfigError) as info:
+        validate_text(text, DistillationYamlConfig, "c.yaml")
+    msg = str(info.value)
+    assert "c.yaml:11:3: training.seed: duplicate key (lines 10 and 11)" in msg
+    assert "c.yaml:12:1: training: duplicate key (lines 9 and 12)" in msg
+    assert info.value.exit_code == 2 and len(info.value.problems) == 2
+    # keys compare by value; a merge key is not a duplicate and may be overridden
+    with pytest.raises(ConfigError, match="lines 10 and 11"):
+        validate_text(MINIMAL + "training:\n  seed: 1\n  'seed': 2\n", DistillationYamlConfig, "c.yaml")
+    cfg = validate_text(MINIMAL + "training:\n  <<: {epochs: 3, seed: 1}\n  seed: 7\n", DistillationYamlConfig, "c.yaml")
+    assert cfg.training.epochs == 3 and cfg.training.seed == 7
+
+
+def _bounded(text: str, match: str, *, trace_memory: bool = False) -> ConfigError:
+    """Refused with ``match`` within 10 s (an expanded bomb takes hours) and, traced, under 64 MB."""
+    if trace_memory:
+        tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(ConfigError, match=match) as info:
+            validate_text(text, DistillationYamlConfig, "b.yaml")
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1] if trace_memory else 0
+    finally:
+        if trace_memory:
+            tracemalloc.stop()
+    assert elapsed < 10 and peak < 64 * 2**20, (elapsed, peak)
+    return info.value
+
+
+def test_yaml_aliases_depth_and_size_are_bounded() -> None:
+    laughs = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    laughs += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    assert len("\n".join(laughs)) < 1100  # 1 KB that would be 10^9 values
+    _bounded(MINIMAL + "\n".join(laughs) + "\n", r"b.yaml:\d+:\d+: the YAML holds more than 10,000 values",
+             trace_memory=True)
+    merges = ["m0: &m0 {k0: 1, k1: 1, k2: 1}"]
+    merges += [f"m{i}: &m{i} {{<<: [" + ", ".join([f"*m{i - 1}"] * 10) + "]}" for i in range(1, 9)]
+    _bounded(MINIMAL + "\n".join(merges) + "\n", "more than 10,000 values", trace_memory=True)
+    _bounded(MINIMAL + "loop: &l [*l]\n", "recursive", trace_memory=True)
+    _bounded(MINIMAL + "x: " + "[" * 100_000 + "]" * 100_000 + "\n", r"b.yaml:9:68: the YAML is nested more than 64")
+    _bounded(MINIMAL + "x: " + "{a: " * 100 + "1" + "}" * 100 + "\n", "nested more than 64")
+    _bounded("".join("  " * i + f"k{i}:\n" for i in range(1000)), "nested more than 64")
+    _bounded("".join("  " * i + "- \n" for i in range(1000)), "nested more than 64")
+    _bounded("a: [" + "1, " * 20_000 + "]\n", "more than 10,000 values")
+    chain = "c0: &c0 [1]\n" + "".join(f"c{i + 1}: &c{i + 1} [*c{i}]\n" for i in range(100))
+    _bounded(MINIMAL + chain, "nested more than 64")
+    # a real config with anchors still loads
+    ok = MINIMAL.replace("  model_id: org/teacher\n", "  model_id: &t org/teacher\n") + "x-notes: [*t, *t]\n"
+    with pytest.raises(ConfigError, match="unknown key 'x-notes'"):
+        validate_text(ok, DistillationYamlConfig, "c.yaml")
+
+
+def test_set_values_are_bounded_like_the_file() -> None:
+    with pytest.raises(ConfigError, match="nested more than 64"):
+        validate_text(MINIMAL, DistillationYamlConfig, "c.yaml", ["training.seed=" + "[" * 1000 + "]" * 1000])
+    with pytest.raises(ConfigError, match="recursive"):
+        validate_text(MINIMAL, DistillationYamlConfig, "c.yaml", ["training.seed=&a [*a]"])
+    with pytest.raises(ConfigError, match="duplicate key"):
+        validate_text(MINIMAL, DistillationYamlConfig, "c.yaml", ["training={seed: 1, seed: 2}"])
+
+
+def test_config_file_must_be_a_utf8_text_file(tmp_path: Path) -> None:
+    cases = {
+        "latin1.yaml": ("teacher:\n  model_id: caf\xe9\n".encode("latin-1"), r"latin1.yaml:2:16: not UTF-8 text \(byte 0xe9\)"),
+        "utf16.yaml": ("teacher: {}\n".encode("utf-16"), "UTF-16"),
+        "nul.yaml": (b"teacher:\n  model_id: a\x00b\n", r"nul.yaml:2:14: invalid YAML: character U\+0000 is not allowed"),
+        "empty.yaml": (b"", "the file is empty"),
+        "list.yaml": (b"- teacher\n", "top level must be a mapping"),
+        "huge.yaml": (b"# " + b"x" * (2**20 + 10) + b"\n", "larger than 1 MiB"),
+    }
+    for name, (blob, match) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ConfigError, match=match) as info:
+            load_config(tmp_path / name, DistillationYamlConfig)
+        assert info.value.exit_code == 2
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path, DistillationYamlConfig)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml", DistillationYamlConfig)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config("/dev/null", DistillationYamlConfig)
+
+
+def test_bounds_on_counts_and_indices() -> None:
+    with pytest.raises(ConfigError, match="number of layers must be <= 65536"):
+        validate_text(MINIMAL, DistillationYamlConfig, "c.yaml",
+                      ["student.model_id=null", f"student.init_from_teacher={10**30}"])
+    with pytest.raises(ConfigError, match="layer indices must be < 65536"):
+        validate_text(MINIMAL + f"distillation:\n  progressive:\n    enabled: true\n    layer_mapping: [[0, {2**64}]]\n",
+                      DistillationYamlConfig, "c.yaml")
+    with pytest.raises(ConfigError, match="NUL character"):
+        validate_text(MINIMAL, DistillationYamlConfig, "c.yaml", ['output.dir="out\\0"'])

@@ -25,19 +25,16 @@ def validate(
     Example: entrenar validate examples/configs/distill-smollm2.yaml --set training.max_steps=10
     """
     from entrenar_cli.config import CONFIG_KINDS, load_config
-    from entrenar_cli.config.loader import parse_yaml
-    from entrenar_cli.errors import UsageError
+    from entrenar_cli.config.loader import parse_yaml, read_config_text
+    from entrenar_cli.errors import ConfigError, UsageError
 
     if kind is None:
         from entrenar_cli.config import detect_kind
 
-        if config.is_file():
-            try:
-                data, _ = parse_yaml(config.read_text(encoding="utf-8"), str(config))
-                kind = detect_kind(data)
-            except Exception:  # the loader below reports the real problem with its position
-                kind = "distill"
-        else:
+        try:
+            data, _ = parse_yaml(read_config_text(config), str(config))
+            kind = detect_kind(data)
+        except ConfigError:  # the loader below reports the real problem with its position
             kind = "distill"
     if kind not in CONFIG_KINDS:
         raise UsageError(f"--kind {kind!r} is not a config kind", hint="use --kind distill or --kind finetune")

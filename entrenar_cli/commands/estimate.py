@@ -110,8 +110,8 @@ def estimate(
     """
     from entrenar_cli import memory
 
-    resolved = memory.resolve_model(model, size, revision=revision)
-    teacher_resolved = memory.resolve_model(teacher, revision=None) if teacher else None
+    resolved = _resolve(model, size, revision)
+    teacher_resolved = _resolve(teacher, None, None) if teacher else None
     targets: list[str] | str | None = None
     if target_modules is not None:
         parts = [t.strip() for t in target_modules.split(",") if t.strip()]
@@ -130,7 +130,7 @@ def estimate(
         device=device,
     )
     _check_all(methods, settings)
-    budget = memory.parse_size(fits) if fits is not None else None
+    budget = _budget(fits) if fits is not None else None
 
     config = resolved.config
     teacher_config = teacher_resolved.config if teacher_resolved else None
@@ -151,6 +151,49 @@ def estimate(
         typer.echo(json.dumps(doc, indent=2))
         return
     render(doc)
+
+
+MAX_BUDGET = 2**60  # 1 EiB: anything larger is a typo, not a memory size
+
+
+def _budget(text: str) -> int:
+    """``--fits`` in bytes; zero, negative, non-finite, absurdly large or unreadable sizes are exit 2."""
+    from entrenar_cli import memory
+    from entrenar_cli.errors import UsageError
+
+    hint = "give a memory size with a unit: 24GB (10^9 bytes) or 24GiB (2^30 bytes); also MB, MiB, TB, TiB"
+    shown = repr(text if len(text) <= 40 else text[:37] + "...")
+    try:
+        budget = memory.parse_size(text)
+    except UsageError:
+        raise UsageError(f"--fits {shown} is not a memory size", hint=hint) from None
+    except (OverflowError, ValueError):  # more digits than a float holds
+        raise UsageError(f"--fits {shown} is beyond 1 EiB: not a memory size", hint=hint) from None
+    if budget <= 0:
+        raise UsageError(f"--fits {shown}: the budget must be more than zero bytes", hint=hint)
+    if budget > MAX_BUDGET:
+        raise UsageError(f"--fits {shown} is beyond 1 EiB: not a memory size", hint=hint)
+    return budget
+
+
+def _resolve(model: str, size: str | None, revision: str | None) -> Any:
+    """The model's config: a catalogue family, a path, a Hub id, or ``pkg:PACKAGE/path`` as in the YAML."""
+    import dataclasses
+
+    from entrenar_cli import memory
+    from entrenar_cli.errors import UsageError
+
+    if not model.startswith("pkg:"):
+        return memory.resolve_model(model, size, revision=revision)
+    from entrenar_cli.models import package_path  # imports torch: paid only for pkg: references
+
+    if size is not None:
+        raise UsageError(f"SIZE ({size!r}) only applies to catalogue families, not to {model!r}")
+    path = package_path(model)
+    if not path.exists():
+        raise UsageError(f"{model}: no such file or directory in the package ({path})",
+                         hint="list the package's files, e.g. 'pip show -f PACKAGE'")
+    return dataclasses.replace(memory.resolve_model(str(path), None, revision=None), name=model)
 
 
 def _check_all(methods: list[str], settings: dict[str, Any]) -> None:

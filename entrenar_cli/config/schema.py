@@ -12,6 +12,13 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Upper bounds on counts: far above any real run, far below what breaks later (int64 seeds and
+# indices, tensors sized by a batch, loops bounded by a step count).
+MAX_STEPS = 10**9
+MAX_BATCH = 65_536
+MAX_LAYERS = 65_536
+MAX_COUNT = 2**62
+
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -20,7 +27,17 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 class Section(BaseModel):
     """Base for every section: strict keys, validated assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` anywhere is an error naming its dotted path
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, v: object) -> object:
+        # a NUL character makes every file-system call fail ("embedded null byte")
+        texts = [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+        if any("\x00" in t for t in texts):
+            raise ValueError("must not contain a NUL character (\\x00)")
+        return v
 
 
 class ModelSource(Section):
@@ -64,7 +81,7 @@ class TeacherConfig(ModelSource):
 class LoRASettings(Section):
     """Low-rank adapters (Hu et al. 2021) through peft."""
 
-    rank: int = Field(16, gt=0, description="Adapter rank r.")
+    rank: int = Field(16, gt=0, le=MAX_BATCH, description="Adapter rank r.")
     alpha: float = Field(32.0, gt=0, description="Scaling numerator: updates are scaled by alpha / rank.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: Union[list[str], Literal["all-linear"], None] = Field(
@@ -87,11 +104,15 @@ class InitFromTeacher(Section):
         if isinstance(v, int):
             if v <= 0:
                 raise ValueError("number of layers must be > 0")
+            if v > MAX_LAYERS:
+                raise ValueError(f"number of layers must be <= {MAX_LAYERS}")
         else:
             if not v:
                 raise ValueError("layer list must not be empty")
             if any(i < 0 for i in v):
                 raise ValueError("layer indices must be >= 0")
+            if any(i >= MAX_LAYERS for i in v) or len(v) > MAX_LAYERS:
+                raise ValueError(f"layer indices must be < {MAX_LAYERS}")
             if len(set(v)) != len(v):
                 raise ValueError("layer indices must be distinct")
         return v
@@ -148,6 +169,8 @@ class ProgressiveSettings(Section):
         for s, t in self.layer_mapping:
             if s < -1 or t < -1:
                 raise ValueError("layer indices must be >= -1 (-1 is the embedding output)")
+            if s >= MAX_LAYERS or t >= MAX_LAYERS:
+                raise ValueError(f"layer indices must be < {MAX_LAYERS}")
         return self
 
 
@@ -167,6 +190,8 @@ class AttentionSettings(Section):
         for s, t in self.layer_mapping or []:
             if s < 0 or t < 0:
                 raise ValueError("attention layer indices must be >= 0")
+            if s >= MAX_LAYERS or t >= MAX_LAYERS:
+                raise ValueError(f"attention layer indices must be < {MAX_LAYERS}")
         return self
 
 
@@ -193,7 +218,7 @@ class TeacherCacheSettings(Section):
     dir: str | None = Field(None, description="Cache directory; default: <output.dir>/teacher-cache.")
     # measured on the demo (SmolLM2, stdlib): the top-k KD loss is 6.7% below the full-vocabulary
     # loss at k=64, 3.2% at 256, 1.2% at 1024 and 0.6% at 2048 (BENCHMARKS.md)
-    top_k: int = Field(2048, gt=0, description="Logits kept per token (plus the remaining probability mass).")
+    top_k: int = Field(2048, gt=0, le=2**20, description="Logits kept per token (plus the remaining probability mass).")
 
 
 class DistillationSettings(Section):
@@ -224,32 +249,32 @@ class DistillationSettings(Section):
 class TrainingSettings(Section):
     """The optimisation loop shared by distill and finetune."""
 
-    epochs: int = Field(1, gt=0, description="Passes over the training data.")
+    epochs: int = Field(1, gt=0, le=MAX_STEPS, description="Passes over the training data.")
     max_steps: int | None = Field(
-        None, gt=0, description="Stop after this many optimizer steps (whichever of epochs/max_steps ends first)."
+        None, gt=0, le=MAX_STEPS, description="Stop after this many optimizer steps (whichever of epochs/max_steps ends first)."
     )
-    batch_size: int = Field(8, gt=0, description="Sequences per micro-batch.")
-    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH, description="Sequences per micro-batch.")
+    gradient_accumulation: int = Field(1, gt=0, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-4, gt=0, le=0.1, description="Peak learning rate (0 < lr <= 0.1).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warm-up steps.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
-    seed: int = Field(42, description="Seed for weights init, data order and dropout.")
+    seed: int = Field(42, ge=0, le=2**63 - 1, description="Seed for weights init, data order and dropout (0 <= seed < 2^63).")
     mixed_precision: Precision = Field(
         "auto", description="auto: bf16 where the hardware has it (CPU with bf16, CUDA Ampere+), else fp32."
     )
     device: Device = Field("auto", description="auto picks CUDA, then MPS, then CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     compile: bool = Field(False, description="torch.compile the student and the teacher (GPUs; the first steps compile).")
-    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps (and at the end).")
-    eval_batches: int = Field(8, gt=0, description="Held-out batches per evaluation.")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps.")
-    logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
+    eval_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Evaluate every N optimizer steps (and at the end).")
+    eval_batches: int = Field(8, gt=0, le=MAX_STEPS, description="Held-out batches per evaluation.")
+    save_steps: int | None = Field(None, gt=0, le=MAX_STEPS, description="Checkpoint every N optimizer steps.")
+    logging_steps: int = Field(10, gt=0, le=MAX_STEPS, description="Log metrics every N optimizer steps.")
     max_bad_steps: int = Field(
-        5, gt=0, description="Stop after this many consecutive non-finite steps."
+        5, gt=0, le=MAX_STEPS, description="Stop after this many consecutive non-finite steps."
     )
-    num_threads: int | None = Field(None, gt=0, description="CPU threads for torch; default: all cores.")
+    num_threads: int | None = Field(None, gt=0, le=4096, description="CPU threads for torch; default: all cores.")
 
 
 class DatasetSettings(Section):
@@ -269,8 +294,8 @@ class DatasetSettings(Section):
     eval_fraction: float = Field(
         0.05, ge=0, lt=1, description="Share of blocks held out for evaluation."
     )
-    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
-    max_blocks: int | None = Field(None, gt=0, description="Use at most this many packed blocks in total.")
+    max_documents: int | None = Field(None, gt=0, le=MAX_COUNT, description="Read at most this many documents.")
+    max_blocks: int | None = Field(None, gt=0, le=MAX_COUNT, description="Use at most this many packed blocks in total.")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DatasetSettings":
@@ -284,7 +309,7 @@ class OutputSettings(Section):
 
     dir: str = Field(description="Output directory for the model, checkpoints, metrics and report.")
     merge: bool = Field(True, description="With LoRA: also save the adapter merged into a full model.")
-    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk.")
+    save_total_limit: int = Field(2, gt=0, le=MAX_STEPS, description="Checkpoints kept on disk.")
 
 
 class DistillationYamlConfig(Section):
