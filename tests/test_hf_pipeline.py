@@ -341,3 +341,10 @@ def test_dataset_fetcher_local_parquet_and_mock(tmp_path: Path, tiny_llama: Path
     batches = list(mock.batches(4))
     assert len(mock) == 10 and [b.input_ids.shape for b in batches] == [(4, 8), (4, 8), (2, 8)]
     assert int(batches[0].input_ids.max()) < 50 and torch.equal(batches[0].labels[:, :-1], batches[0].input_ids[:, 1:])
+
+
+def test_data_errors_name_python_calls(tmp_path: Path) -> None:
+    with pytest.raises(EntrenarError) as err:
+        Dataset.from_path(tmp_path / "missing" / "*.txt", "tokenizer")
+    assert "Dataset.from_path(path)" in str(err.value) and "dataset.path" not in str(err.value)
+    _no_cli_flags(err.value)

@@ -94,12 +94,28 @@ _FLAG_TO_PYTHON = [
     (re.compile(r"--config"), "DatasetOptions.config(...)"),
     (re.compile(r"--dataset"), "HfDatasetFetcher"),
     (re.compile(r"'entrenar fetch'"), "HfModelFetcher.download_model"),
-    (re.compile(r"\btraining\.(\w+)"), r"TrainerConfig.\1(...)"),
     (re.compile(r"\bdistillation\.(progressive\.)?layer_mapping"), "TrainerConfig.with_progressive(layer_mapping)"),
-    (re.compile(r"\bdistillation\.(\w+)"), r"TrainerConfig.\1(...)"),
-    (re.compile(r"\bdataset\.(\w+)"), r"DatasetOptions.\1(...)"),
+    (re.compile(r"\bdistillation\.progressive\b"), "TrainerConfig.with_progressive(...)"),
+    (re.compile(r"\bdistillation\.attention\b"), "TrainerConfig.with_attention_transfer(...)"),
+    (re.compile(r"\bdistillation\.embedding\b"), "TrainerConfig.with_embedding(...)"),
+    (re.compile(r"\bdataset\.path\b"), "Dataset.from_path(path)"),
+    (re.compile(r"\bdataset\.name\b"), "Dataset.from_hub(name)"),
+    (re.compile(r"\b(training|distillation|dataset)\.(\w+)"), lambda m: _builder_call(m.group(1), m.group(2))),
     (re.compile(r"\bstudent\.init_from_teacher(\.layers)?"), "TrainerConfig(teacher, student=<layers>)"),
 ]
+
+
+def _builder_call(section: str, name: str) -> str:
+    """The builder method that sets ``section.name``, else the generic ``TrainerConfig.set``."""
+    if section == "dataset":
+        from entrenar_cli.hf_pipeline.dataset import DatasetOptions
+
+        return f"DatasetOptions.{name}(...)" if hasattr(DatasetOptions, name) else f"dataset {name}"
+    from entrenar_cli.hf_pipeline.config import TrainerConfig
+
+    if hasattr(TrainerConfig, name):
+        return f"TrainerConfig.{name}(...)"
+    return f'TrainerConfig.set("{section}.{name}", ...)'
 
 
 def pythonize(text: str | None) -> str | None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from entrenar_cli.config import schema
 from entrenar_cli.errors import UsageError
-from entrenar_cli.hf_pipeline._api import config_error, python_errors, set_field
+from entrenar_cli.hf_pipeline._api import config_error, set_field
 
 StudentSpec = Union[str, int, list[int], None]
 
@@ -71,8 +71,8 @@ class TrainerConfig:
         return self
 
     @classmethod
-    @python_errors
     def from_file(cls, path: str, overrides: list[str] | None = None) -> "TrainerConfig":
+        """Load a ``distill`` YAML file (its errors name the file, line and YAML keys)."""
         return cls.from_yaml_config(schema.DistillationYamlConfig.from_file(path, overrides))
 
     # ---- builder -------------------------------------------------------------------------------

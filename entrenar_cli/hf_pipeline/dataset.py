@@ -230,11 +230,11 @@ class Dataset(New):
             raise UsageError(f"Dataset.batches({batch_size}): batch_size must be > 0")
         n = len(self.blocks)
         order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
+        import torch
+
         collator = _Collator(self.pad_token_id, causal=self.blocks.causal)
         for start in range(0, n, batch_size):
             ids = [int(i) for i in order[start : start + batch_size]]
-            import torch
-
             batch = Batch(collator.collate([self.blocks.block(i) for i in ids]))
             batch["block_ids"] = torch.tensor(ids)
             batch.dataset = self
