@@ -115,9 +115,9 @@ def _root(
 
 
 def _register() -> None:
-    from entrenar_cli.commands import config_cmds, estimate, export, fetch, report, train
+    from entrenar_cli.commands import cache, config_cmds, estimate, export, fetch, report, train
 
-    for module in (fetch, estimate, train, export, report, config_cmds):
+    for module in (fetch, estimate, train, cache, export, report, config_cmds):
         module.register(app)
 
 

@@ -68,7 +68,7 @@ def kd_terms(
     """Soft (KD) and hard (CE) sums over tokens whose label is not IGNORE_INDEX.
 
     ``student_logits`` / ``teacher_logits``: ``[..., V]``; ``labels``: ``[...]``. The teacher may
-    instead be given as cached top-k ``(values, indices, tail_logmass)``: see :func:`topk_teacher_logp`.
+    instead be given as a sparse target ``(weights, ids, negentropy)``: see :func:`topk_divergence`.
     Loss math runs in fp32 whatever the input precision.
     """
     vocab = student_logits.shape[-1]
@@ -102,35 +102,37 @@ def kd_terms(
     return KDTerms(soft=soft, hard=hard, count=count)
 
 
-def topk_divergence(s_logp: Tensor, t_vals: Tensor, t_idx: Tensor, t_tail: Tensor, temperature: float) -> Tensor:
-    """Forward KL against a teacher stored as top-k logits plus the remaining probability mass.
+def topk_divergence(s_logp: Tensor, t_w: Tensor, t_idx: Tensor, t_negent: Tensor, temperature: float) -> Tensor:
+    """Forward KL against a sparse teacher: ``negent - sum_j w_j log q(id_j)`` per row.
 
-    The teacher distribution at temperature T is reconstructed on the k kept tokens exactly
-    (``t_vals`` are raw logits, ``t_tail`` is ``log sum_{j not in topk} exp(t_j)``, both at T=1).
-    The tail is treated as one extra "token" on both sides: the student's tail mass is
-    ``1 - sum_{topk} p_s``. This is the KL between the two distributions coarsened to k+1 outcomes;
-    at T=1 with k=2048 it is within 1% (0.6% below) of the full-vocabulary KL on the demo (BENCHMARKS.md).
+    ``t_w``/``t_idx`` ``[n, c]``: teacher probabilities (at temperature T) on token ids; ``t_negent``
+    ``[n]``: the teacher's ``sum_v p_v log p_v``. Id -1 is the coarsened tail: the student's mass outside
+    the row's other ids stands for it (then the value is the exact KL of the two coarsened distributions,
+    a lower bound of the full KL). Ids may repeat (sampled tail tokens, Anshumann et al. 2025): with
+    weights ``tail / m`` on tokens drawn from the teacher's tail the value and its gradient are unbiased
+    estimates of the full-vocabulary KL. ``s_logp`` is already at temperature T. See teacher_cache.py.
     """
-    t_full = torch.cat([t_vals.float(), t_tail.float().unsqueeze(-1)], dim=-1)
-    if temperature != 1.0:
-        # the tail was summarised at T=1; at T != 1 approximate it as (tail mass)^(1/T) renormalised
-        t_full = t_full / temperature
-    t_logp = F.log_softmax(t_full, dim=-1)  # [n, k+1]
-    s_top = s_logp.gather(-1, t_idx.long())  # [n, k]
-    s_tail = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
-    s_full = torch.cat([s_top, s_tail.unsqueeze(-1)], dim=-1)
-    return (t_logp.exp() * (t_logp - s_full)).sum(-1)
+    del temperature  # the cache is built at the run's temperature (its manifest says which)
+    idx = t_idx.long()
+    tail = idx < 0
+    s_sel = s_logp.gather(-1, idx.clamp_min(0))  # [n, c]
+    if bool(tail.any()):
+        kept = (s_sel.exp() * (~tail)).sum(-1)
+        s_tail = torch.log1p(-kept.clamp(max=1 - 1e-6))
+        s_sel = torch.where(tail, s_tail.unsqueeze(-1), s_sel)
+    return t_negent.float() - (t_w.float() * s_sel).sum(-1)
 
 
-def topk_teacher(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Compress teacher logits ``[..., V]`` to (top-k values, indices, log tail mass) at T=1."""
-    logits = logits.float()
-    vals, idx = logits.topk(k, dim=-1)
-    total = torch.logsumexp(logits, dim=-1)
-    top = torch.logsumexp(vals, dim=-1)
-    # log(exp(total) - exp(top)) computed stably; floor keeps log finite when the tail is ~0
-    tail = total + torch.log1p(-torch.exp(top - total).clamp(max=1 - 1e-7))
-    return vals.to(torch.bfloat16), idx.to(torch.int32), tail
+def topk_teacher(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher logits ``[..., V]`` -> the coarsened top-k target ``(w, ids, negent)`` of :func:`topk_divergence`
+    (exact probabilities, no quantisation: the compact stored form is in teacher_cache.py)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    top, idx = logp.topk(k, dim=-1)
+    tail = -torch.expm1(torch.logsumexp(top, dim=-1).clamp(max=0.0))
+    w = torch.cat([top.exp(), tail.unsqueeze(-1)], dim=-1)
+    ids = torch.cat([idx, torch.full_like(idx[..., :1], -1)], dim=-1)
+    negent = torch.where(w > 0, w * torch.log(w.clamp_min(1e-38)), torch.zeros_like(w)).sum(-1)
+    return w, ids, negent
 
 
 def hidden_state_sum(student_h: Tensor, teacher_h: Tensor, mask: Tensor) -> Tensor:

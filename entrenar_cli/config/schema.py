@@ -216,9 +216,15 @@ class TeacherCacheSettings(Section):
 
     enabled: bool = Field(False, description="Cache teacher outputs on disk.")
     dir: str | None = Field(None, description="Cache directory; default: <output.dir>/teacher-cache.")
-    # measured on the demo (SmolLM2, stdlib): the top-k KD loss is 6.7% below the full-vocabulary
-    # loss at k=64, 3.2% at 256, 1.2% at 1024 and 0.6% at 2048 (BENCHMARKS.md)
-    top_k: int = Field(2048, gt=0, le=2**20, description="Logits kept per token (plus the remaining probability mass).")
+    # format 3 (teacher_cache.py): k quantised log-probabilities + tail samples, 170 bytes/token at
+    # the defaults; the choice is measured in BENCHMARKS.md "Compact teacher cache (issue 18)"
+    top_k: int = Field(32, ge=0, le=2**20,
+                       description="Most likely teacher tokens kept per token (uint8 log-probabilities).")
+    samples: int = Field(
+        32, ge=0, le=4096,
+        description="Tokens sampled per token from the teacher's remaining (tail) probability mass: an unbiased "
+        "KD loss; 0 keeps the tail as one outcome instead (biased low).",
+    )
 
 
 class DistillationSettings(Section):

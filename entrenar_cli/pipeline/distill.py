@@ -162,17 +162,12 @@ def build_objective(su: DistillSetup, cache: Any = None) -> Any:
                             mlm_info=_mlm_info(su), cache=cache)
 
 
-def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
-    """The teacher cache of this run, or None when it is off."""
-    settings = su.cfg.distillation.teacher_cache
-    if not settings.enabled:
-        return None
-    if su.task == "masked":
-        raise ConfigError("distillation.teacher_cache: masked-LM distillation masks tokens at random each step, "
-                          "so teacher outputs cannot be reused", hint="turn the cache off for encoders with an MLM head")
+def teacher_cache_spec(su: DistillSetup) -> dict[str, Any]:
+    """What a teacher cache for this run holds: its manifest, record format and teacher layers."""
     from entrenar_cli.data import tokenizer_fingerprint
-    from entrenar_cli.teacher_cache import TeacherCache, data_fingerprint, weights_fingerprint
+    from entrenar_cli.teacher_cache import CacheFormat, data_fingerprint, weights_fingerprint
 
+    settings = su.cfg.distillation.teacher_cache
     dist = su.cfg.distillation
     hidden_set = {t for _, t in dist.progressive.layer_mapping} if dist.progressive.enabled else set()
     if dist.embedding.enabled:
@@ -181,16 +176,66 @@ def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
         hidden_set.add(models.num_layers(su.teacher) - 1)
     hidden = sorted(hidden_set)
     attn = sorted({t for _, t in dist.attention.layer_mapping or []}) if dist.attention.enabled else []
+    logits = su.task == "causal"
+    fmt = CacheFormat(settings.top_k, settings.samples, su.vocab, dist.temperature) if logits else None
+    name = su.teacher_name
+    if not name.startswith("pkg:") and Path(name).expanduser().exists():
+        name = Path(name).name  # no absolute paths in a manifest meant to travel
     manifest = {
-        "teacher": su.teacher_name, "weights": weights_fingerprint(su.teacher_dir),
+        "teacher": name, "weights": weights_fingerprint(su.teacher_dir),
         "tokenizer": tokenizer_fingerprint(su.tokenizer),
         "data": data_fingerprint(su.train_blocks.store.tokens, su.cfg.dataset.max_length),
-        "max_length": su.cfg.dataset.max_length, "top_k": settings.top_k, "vocab": su.vocab,
-        "hidden_layers": hidden, "attention_layers": attn,
+        "max_length": su.cfg.dataset.max_length, "vocab": su.vocab,
+        "top_k": settings.top_k if logits else None, "samples": settings.samples if logits else None,
+        "temperature": dist.temperature if logits else None,
+        "bytes_per_token": fmt.bytes_per_token if fmt else 0,
+        "hidden_layers": hidden, "attention_layers": attn, "blocks_total": len(su.train_blocks),
     }
-    directory = Path(settings.dir) if settings.dir else out / "teacher-cache"
-    cache = TeacherCache(directory, manifest, settings.top_k, hidden, attn)
-    info(f"teacher cache {directory}: {len(cache._index)} blocks cached")
+    return {"manifest": manifest, "format": fmt, "hidden": hidden, "attention": attn,
+            "dir": Path(settings.dir) if settings.dir else None}
+
+
+def teacher_cache_bytes_per_token(su: DistillSetup, spec: dict[str, Any]) -> dict[str, int]:
+    """Bytes per training token of each part of the cache (the plan prints them)."""
+    from entrenar_cli import models
+
+    d = models.hidden_size(su.teacher)
+    parts = {"logits": spec["format"].bytes_per_token if spec["format"] else 0,
+             "hidden_states": 2 * d * len(spec["hidden"]),
+             "attention_maps": 2 * su.cfg.dataset.max_length * len(spec["attention"])}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
+    """The teacher cache of this run, or None when it is off.
+
+    A cache built elsewhere (``entrenar cache``, another directory or machine, any process count) is
+    used when its manifest matches this run's inputs and refused, naming what differs, when not.
+    Blocks it lacks are filled by this run. Reads of the next batches run ahead in a background thread.
+    """
+    import os
+
+    settings = su.cfg.distillation.teacher_cache
+    if not settings.enabled:
+        return None
+    if su.task == "masked":
+        raise ConfigError("distillation.teacher_cache: masked-LM distillation masks tokens at random each step, "
+                          "so teacher outputs cannot be reused", hint="turn the cache off for encoders with an MLM head")
+    from entrenar_cli.teacher_cache import TeacherCache, training_schedule
+
+    spec = teacher_cache_spec(su)
+    directory = spec["dir"] or out / "teacher-cache"
+    cache = TeacherCache(directory, spec["manifest"], spec["format"], spec["hidden"], spec["attention"])
+    tr = su.cfg.training
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cache.expect(training_schedule(len(su.train_blocks), tr.seed, tr.batch_size, tr.gradient_accumulation, world,
+                                   rank, tr.epochs), pin_memory=su.device.type == "cuda")
+    per_token = teacher_cache_bytes_per_token(su, spec)
+    info(f"teacher cache {directory}: {len(cache)} of {len(su.train_blocks)} blocks cached, "
+         f"{per_token['total']:,} bytes/token (logits {per_token['logits']}, hidden states "
+         f"{per_token['hidden_states']:,}, attention maps {per_token['attention_maps']:,})")
     return cache
 
 
