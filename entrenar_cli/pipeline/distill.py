@@ -45,13 +45,16 @@ class DistillSetup:
     student_name: str
     student_layers: list[int] | None
     teacher_dir: Path
+    precision_reason: str = ""
 
 
-def _precision_and_device(settings: Any) -> tuple[str, Any]:
-    from entrenar_cli.trainer import resolve_device, resolve_precision
+def _precision_and_device(settings: Any) -> tuple[Any, Any]:
+    """(PrecisionChoice: precision and the reason the plan prints, device); the Engine resolves the same."""
+    from entrenar_cli.precision import choose_precision
+    from entrenar_cli.trainer import resolve_device
 
     device = resolve_device(settings.device)
-    return resolve_precision(settings.mixed_precision, device), device
+    return choose_precision(settings.mixed_precision, device), device
 
 
 def _check_mapping(name: str, mapping: list[tuple[int, int]], n_student: int, n_teacher: int, allow_embed: bool) -> None:
@@ -75,7 +78,8 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     from entrenar_cli.data import load_blocks
     from entrenar_cli.trainer import precision_dtype
 
-    precision, device = _precision_and_device(cfg.training)
+    choice, device = _precision_and_device(cfg.training)
+    precision = choice.precision
     t_src = cfg.teacher
     t_loc = models.open_source(t_src)
     need_eager = cfg.distillation.attention.enabled
@@ -150,7 +154,7 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     train_blocks, eval_blocks = load_blocks(cfg.dataset, tokenizer, causal=(task == "causal"))
     info(f"data: {len(train_blocks)} training blocks, {len(eval_blocks)} held-out blocks of {cfg.dataset.max_length} tokens")
     return DistillSetup(cfg, teacher, student, tokenizer, task, vocab, train_blocks, eval_blocks, precision, device,
-                        t_src.model_id, student_name, layers, t_loc.path)
+                        t_src.model_id, student_name, layers, t_loc.path, choice.reason)
 
 
 def build_objective(su: DistillSetup, cache: Any = None) -> Any:
@@ -268,7 +272,8 @@ def plan(su: DistillSetup) -> dict[str, Any]:
                     "init_layers": su.student_layers},
         "steps": steps, "steps_per_epoch": per_epoch, "tokens_per_step": tokens_per_step,
         "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
-        "precision": su.precision, "device": str(su.device), "vocab": su.vocab,
+        "precision": su.precision, "precision_reason": su.precision_reason, "device": str(su.device),
+        "vocab": su.vocab,
         "estimated_mem_bytes": estimate,
     }
 
@@ -316,8 +321,9 @@ def print_plan(p: dict[str, Any]) -> None:
     out.print(table)
     est = p.get("estimated_mem_bytes")
     out.print(f"steps {p['steps']} ({p['steps_per_epoch']} per epoch), {p['tokens_per_step']:,} tokens per step, "
-              f"{p['train_blocks']} train / {p['eval_blocks']} held-out blocks, precision {p['precision']} on {p['device']}"
-              + (f", estimated training memory {human_bytes(est)}" if est else ""))
+              f"{p['train_blocks']} train / {p['eval_blocks']} held-out blocks on {p['device']}"
+              + (f", estimated training memory {human_bytes(est)}" if est else "")
+              + f"; precision {p.get('precision_reason') or p['precision']}")
 
 
 def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:

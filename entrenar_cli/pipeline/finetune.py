@@ -37,6 +37,7 @@ class FineTuneSetup:
     train_blocks: Any
     eval_blocks: Any
     precision: str
+    precision_reason: str = ""
 
 
 def _quantization_config(cfg: FineTuneYamlConfig) -> Any:
@@ -145,7 +146,7 @@ def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
     from entrenar_cli.data import load_blocks
     from entrenar_cli.pipeline.distill import _precision_and_device
 
-    precision, device = _precision_and_device(cfg.training)
+    choice, device = _precision_and_device(cfg.training)
     src = cfg.model
     loc = models.open_source(src)
     tokenizer = models.load_tokenizer(loc, src.trust_remote_code)
@@ -170,7 +171,7 @@ def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
     else:
         train, held = load_blocks(ds, tokenizer, causal=(task == "causal"))
     info(f"data: {len(train)} training blocks, {len(held)} held-out blocks of {ds.max_length} tokens")
-    return FineTuneSetup(cfg, model, tokenizer, loc, task, train, held, precision)
+    return FineTuneSetup(cfg, model, tokenizer, loc, task, train, held, choice.precision, choice.reason)
 
 
 def _estimate(su: FineTuneSetup) -> int | None:
@@ -209,10 +210,12 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
     total, trainable = models.count_parameters(su.model)
     estimate = _estimate(su)
     info(f"parameters {total:,}, trainable {trainable:,} ({100 * trainable / max(1, total):.2f}%)"
-         + (f"; estimated training memory {human_bytes(estimate)}" if estimate else ""))
+         + (f"; estimated training memory {human_bytes(estimate)}" if estimate else "")
+         + f"; precision {su.precision_reason or su.precision}")
     if opts.dry_run:
         return {"dry_run": True, "parameters": total, "trainable_parameters": trainable, "estimated_mem_bytes": estimate,
-                "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks)}
+                "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
+                "precision": su.precision, "precision_reason": su.precision_reason}
     if main:
         check_free_space(out, int(total * 4 * 2 + trainable * 12 * cfg.output.save_total_limit))
         write_resolved_config(out, cfg)
