@@ -348,3 +348,21 @@ def test_data_errors_name_python_calls(tmp_path: Path) -> None:
         Dataset.from_path(tmp_path / "missing" / "*.txt", "tokenizer")
     assert "Dataset.from_path(path)" in str(err.value) and "dataset.path" not in str(err.value)
     _no_cli_flags(err.value)
+
+
+def test_attention_transfer_and_progressive_in_the_step(tiny_llama: Path, small_dataset: Dataset) -> None:
+    teacher = SafeTensorsTeacher.from_path(tiny_llama)
+    config = _fp32_config(tiny_llama).with_progressive([(0, 0), (1, 3)]).with_attention_transfer(0.1)
+    trainer = DistillationTrainer(config, teacher)
+    batch = next(small_dataset.batches(4))
+    out = trainer.student(batch.input_ids, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        expected = float(trainer.compute_loss(out.logits, batch.input_ids, batch.labels, out.hidden_states,
+                                              out.attentions))
+    loss = trainer.step(batch)
+    terms = trainer.last_terms
+    assert terms["loss_attn"] > 0 and terms["loss_hidden"] > 0
+    assert loss == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(UsageError) as err:
+        trainer.compute_loss(out.logits, batch.input_ids, batch.labels)
+    assert "student_hiddens" in str(err.value)

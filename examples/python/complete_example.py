@@ -31,6 +31,7 @@ EPOCHS = 3
 
 
 def main(workdir: Path, num_threads: int | None = None) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
     text = write_text_file(workdir / "corpus.txt")
     model_dir = make_teacher(workdir / "teacher", text, layers=12, hidden=32)
 

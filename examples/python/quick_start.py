@@ -25,6 +25,7 @@ from entrenar_cli.hf_pipeline import (  # noqa: E402
 
 
 def main(workdir: Path, num_threads: int | None = None) -> dict:
+    workdir.mkdir(parents=True, exist_ok=True)
     text = write_text_file(workdir / "corpus.txt")
     model_dir = make_teacher(workdir / "teacher", text, layers=4, hidden=32)
 
