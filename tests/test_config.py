@@ -296,6 +296,8 @@ def test_set_values_are_bounded_like_the_file() -> None:
         validate_text(MINIMAL, DistillationYamlConfig, "c.yaml", ["training.seed=&a [*a]"])
     with pytest.raises(ConfigError, match="duplicate key"):
         validate_text(MINIMAL, DistillationYamlConfig, "c.yaml", ["training={seed: 1, seed: 2}"])
+    with pytest.raises(ConfigError, match="more than 64 levels of keys"):
+        validate_text(MINIMAL, DistillationYamlConfig, "c.yaml", [".".join(["a"] * 5000) + "=1"])
 
 
 def test_config_file_must_be_a_utf8_text_file(tmp_path: Path) -> None:
@@ -329,3 +331,15 @@ def test_bounds_on_counts_and_indices() -> None:
                       DistillationYamlConfig, "c.yaml")
     with pytest.raises(ConfigError, match="NUL character"):
         validate_text(MINIMAL, DistillationYamlConfig, "c.yaml", ['output.dir="out\\0"'])
+
+
+def test_model_references_are_checked() -> None:
+    for bad, match in [('""', "must not be empty"), ("'  '", "must not be empty"), ("'pkg:'", "pkg:PACKAGE/path"),
+                       ("pkg:a.b/model", "pkg:PACKAGE/path"), ("'pkg:../x'", "pkg:PACKAGE/path")]:
+        with pytest.raises(ConfigError, match=match) as info:
+            validate_text(MINIMAL.replace("org/teacher", bad), DistillationYamlConfig, "c.yaml")
+        assert "c.yaml:2:13: teacher.model_id" in str(info.value)
+    with pytest.raises(ConfigError, match="student.model_id: must not be empty"):
+        validate_text(MINIMAL.replace("org/student", '""'), DistillationYamlConfig, "c.yaml")
+    cfg = validate_text(MINIMAL.replace("org/student", "pkg:some_pkg/model"), DistillationYamlConfig, "c.yaml")
+    assert cfg.student.model_id == "pkg:some_pkg/model"

@@ -111,7 +111,7 @@ def estimate(
     from entrenar_cli import memory
 
     resolved = _resolve(model, size, revision)
-    teacher_resolved = _resolve(teacher, None, None) if teacher else None
+    teacher_resolved = _resolve(teacher, None, None, "--teacher") if teacher is not None else None
     targets: list[str] | str | None = None
     if target_modules is not None:
         parts = [t.strip() for t in target_modules.split(",") if t.strip()]
@@ -176,13 +176,19 @@ def _budget(text: str) -> int:
     return budget
 
 
-def _resolve(model: str, size: str | None, revision: str | None) -> Any:
+def _resolve(model: str, size: str | None, revision: str | None, what: str = "MODEL") -> Any:
     """The model's config: a catalogue family, a path, a Hub id, or ``pkg:PACKAGE/path`` as in the YAML."""
     import dataclasses
 
     from entrenar_cli import memory
     from entrenar_cli.errors import UsageError
 
+    from entrenar_cli.config.schema import check_model_ref
+
+    try:
+        check_model_ref(model)
+    except ValueError as exc:
+        raise UsageError(f"{what} {model!r}: {exc}") from None
     if not model.startswith("pkg:"):
         return memory.resolve_model(model, size, revision=revision)
     from entrenar_cli.models import package_path  # imports torch: paid only for pkg: references

@@ -270,9 +270,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[Loc]:
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(
-                f"--set {item!r}: expected dotted.key=value",
+                f"--set {item[:80]!r}: expected dotted.key=value",
                 hint="for example --set training.learning_rate=3e-4",
             )
+        if key.count(".") >= MAX_DEPTH:
+            raise ConfigError(f"--set {key[:80]!r}...: more than {MAX_DEPTH} levels of keys",
+                              hint="a configuration has a few levels of sections, e.g. training.learning_rate")
         try:
             value = parse_value(raw, f"--set {key}") if raw.strip() else None
         except _SyntaxError:

