@@ -207,11 +207,12 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in args.cases.split(","):
         cmd = [sys.executable, "-m", "bench.distill_speed", "--case", name, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--seq", str(args.seq), "--blocks", str(args.blocks), "--tmp", args.tmp, "--teacher", args.teacher,
+               "--batch", str(args.batch), "--seq", str(args.seq), "--blocks", str(args.blocks), "--tmp", args.tmp,
+               "--teacher", args.teacher,
                *(["--force-bf16"] if args.force_bf16 else [])]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue

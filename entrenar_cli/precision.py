@@ -89,10 +89,12 @@ def choose_precision(requested: str, device: torch.device) -> PrecisionChoice:
                 else PrecisionChoice("fp32", f"fp32: forced by {ENV_CPU_BF16}=0"))
     if not native_cpu_bf16():
         return PrecisionChoice("fp32", "fp32: no native bf16")
-    result = cached_probe()
-    if result.speedup >= MIN_SPEEDUP:
-        return PrecisionChoice("bf16", f"bf16: measured {result.speedup:.1f}x fp32 on this CPU")
-    return PrecisionChoice("fp32", f"fp32: bf16 measured {result.speedup:.1f}x fp32 on this CPU")
+    speedup = cached_probe().speedup
+    # two decimals near the threshold, so that '1.1x' never stands next to a choice of fp32
+    shown = f"{speedup:.2f}" if abs(speedup - MIN_SPEEDUP) < 0.05 else f"{speedup:.1f}"
+    if speedup >= MIN_SPEEDUP:
+        return PrecisionChoice("bf16", f"bf16: measured {shown}x fp32 on this CPU")
+    return PrecisionChoice("fp32", f"fp32: bf16 measured {shown}x fp32 on this CPU")
 
 
 def cpu_bf16_override() -> bool | None:
