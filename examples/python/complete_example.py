@@ -1,6 +1,6 @@
 """The design document's Complete Example in Python (a tiny local 12-layer teacher, a local text file).
 
-    python examples/python/complete_example.py [WORKDIR]
+    python examples/python/complete_example.py [WORKDIR [CPU_THREADS]]
 """
 
 from __future__ import annotations
@@ -82,4 +82,5 @@ def main(workdir: Path, num_threads: int | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="entrenar-example-")))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="entrenar-example-")),
+         num_threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)

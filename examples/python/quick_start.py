@@ -1,6 +1,6 @@
 """The design document's Quick Start in Python (a tiny local teacher instead of codebert-base).
 
-    python examples/python/quick_start.py [WORKDIR]
+    python examples/python/quick_start.py [WORKDIR [CPU_THREADS]]
 """
 
 from __future__ import annotations
@@ -58,4 +58,5 @@ def main(workdir: Path, num_threads: int | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="entrenar-quick-start-")))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="entrenar-quick-start-")),
+         num_threads=int(sys.argv[2]) if len(sys.argv) > 2 else None)
