@@ -278,7 +278,8 @@ def is_heldout(key: str, fraction: float) -> bool:
     """Deterministic per-document held-out assignment."""
     if fraction <= 0:
         return False
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    # surrogateescape: a file name that is not UTF-8 still hashes (to the same value as before otherwise)
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
     return (h / 2**64) < fraction
 
 
@@ -314,7 +315,7 @@ def files_fingerprint(files: list[Path]) -> str:
             st = f.stat()
         except OSError as exc:
             raise _unreadable(f, exc) from None
-        h.update(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}\n".encode())
+        h.update(f"{f.resolve()}:{st.st_size}:{int(st.st_mtime)}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 

@@ -476,3 +476,26 @@ def test_estimate_bad_model_reference_is_a_usage_error(args: list[str], words: l
     assert "Traceback" not in out and "unexpected failure" not in out, out
     for word in words:
         assert word in out, (word, out)
+
+
+def test_dataset_file_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:
+    """A file name with bytes that are not UTF-8 (Python keeps them as surrogate escapes) is data like any other."""
+    from entrenar_cli import data
+
+    (tmp_path / "ok.txt").write_text("x = 1\n" * 20)
+    with open(os.path.join(os.fsencode(tmp_path), b"\xff\xfe.txt"), "wb") as fh:
+        fh.write(b"y = 2\n" * 20)
+    files = data.resolve_files(str(tmp_path))
+    assert len(files) == 2
+    docs = list(data.iter_documents(files))
+    assert sorted(d.text[:5] for d in docs) == ["x = 1", "y = 2"]
+    assert len(data.files_fingerprint(files)) == 16
+    import hashlib
+
+    def share(raw: bytes) -> float:
+        return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") / 2**64
+
+    odd = next(d.key for d in docs if d.text.startswith("y"))
+    for fraction in (0.1, 0.5, 0.9):  # the split of UTF-8 names is unchanged; the odd name hashes its bytes
+        assert data.is_heldout("ok.txt", fraction) == (share(b"ok.txt") < fraction)
+        assert data.is_heldout(odd, fraction) == (share(b"\xff\xfe.txt") < fraction)

@@ -327,16 +327,42 @@ def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
     return keys
 
 
+def _key_text(part: object) -> str:
+    """A key as shown in a message: control characters escaped, a very long key cut short."""
+    text = str(part)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _dotted(loc: Loc) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        out += f"[{part}]" if isinstance(part, int) else (f".{_key_text(part)}" if out else _key_text(part))
     return out or "(top level)"
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> Loc:
-    # pydantic inserts union-branch tags ("list[int]", "function-after[...]") into locations
-    return tuple(p for p in loc if isinstance(p, int) or ("[" not in str(p) and str(p) != "literal"))
+def _clean_loc(loc: tuple[Any, ...], data: Any = None) -> Loc:
+    """The location without the union-branch tags pydantic inserts ("list[int]", "function-after[...]").
+
+    A user's key can look like a tag (``"a[0]": 1``): a part that is a key of the input at that level
+    is kept.
+    """
+    out: list[typing.Union[str, int]] = []
+    cursor = data
+    for part in loc:
+        present = isinstance(cursor, dict) and part in cursor
+        # a name cannot index a list or a scalar of the input: there it is a tag ("int", "str")
+        tag_here = cursor is not None and not isinstance(cursor, dict) and not isinstance(part, int)
+        if present or isinstance(part, int) or ("[" not in str(part) and str(part) != "literal" and not tag_here):
+            out.append(part)
+            if present:
+                cursor = cursor[part]
+            elif isinstance(part, int) and isinstance(cursor, list) and 0 <= part < len(cursor):
+                cursor = cursor[part]
+            else:
+                cursor = None
+    return tuple(out)
 
 
 def format_problems(
@@ -345,18 +371,19 @@ def format_problems(
     source: str,
     marks: dict[Loc, tuple[int, int]],
     overridden: set[Loc],
+    data: Any = None,
 ) -> list[str]:
     """One line per problem: where, dotted path, what is wrong, the bad value, what to do."""
     problems: list[str] = []
     seen: set[str] = set()
     for err in exc.errors():
-        loc = _clean_loc(err["loc"])
+        loc = _clean_loc(err["loc"], data)
         kind = err["type"]
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and loc:
             where = marks.get((*loc, "__key__")) or marks.get(loc)
             valid = _fields_at(model, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            msg = f"unknown key '{loc[-1]}'"
+            msg = f"unknown key '{_key_text(loc[-1])}'"
             msg += f" (did you mean '{close[0]}'?)" if close else ""
             if valid:
                 msg += f"; valid keys here: {', '.join(valid)}"
@@ -440,7 +467,7 @@ def validate_text(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = format_problems(exc, model, source, marks, overridden)
+        problems = format_problems(exc, model, source, marks, overridden, data)
         count = len(problems)
         header = f"{source}: {count} problem{'s' if count != 1 else ''} in the configuration"
         raise ConfigError(
