@@ -171,6 +171,10 @@ def fill(cfg: Any, *, shard_blocks: int | None = None, rebuild: bool = False,
         manifest.update(blocks_total=n, complete=all(b in index for b in range(n)), shards=dict(sorted(counts.items())))
         write_json_atomic(directory / "manifest.json", manifest)
     _barrier(world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return {"dir": str(directory), "filled": len(mine), "cached": len(index), "total": n,
             "bytes_per_token": per_token["total"], "size_bytes": tc.size_bytes,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0}
