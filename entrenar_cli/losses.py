@@ -16,6 +16,7 @@ Conventions (kept from the original, they are the standard ones):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,12 +30,21 @@ IGNORE_INDEX = -100
 KD_CHUNK_TOKENS = 1024
 
 
+# skew KL: the share of the teacher mixed into the student's side; DistiLLM's value. The mixture keeps the
+# divergence and its gradient bounded where the student puts ~0 mass on a token the teacher likes.
+SKEW = 0.1
+_LOG_SKEW, _LOG_1M_SKEW = math.log(SKEW), math.log(1.0 - SKEW)
+
+
 def _divergence(s_logp: Tensor, t_logp: Tensor, kind: str) -> Tensor:
     """Per-row divergence between student and teacher log-probabilities. [n, V] -> [n]."""
     if kind == "forward_kl":  # KL(teacher || student)
         return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     if kind == "reverse_kl":  # KL(student || teacher)
         return (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+    if kind == "skew_kl":  # KL(teacher || l*teacher + (1-l)*student), DistiLLM (Ko et al. 2024), l = SKEW
+        m_logp = torch.logaddexp(t_logp + _LOG_SKEW, s_logp + _LOG_1M_SKEW)
+        return (t_logp.exp() * (t_logp - m_logp)).sum(-1)
     if kind == "jsd":  # Jensen-Shannon with equal weights
         m_logp = torch.logsumexp(torch.stack([s_logp, t_logp]), dim=0) - torch.log(torch.tensor(2.0))
         return 0.5 * ((t_logp.exp() * (t_logp - m_logp)).sum(-1) + (s_logp.exp() * (s_logp - m_logp)).sum(-1))
@@ -188,7 +198,7 @@ class DistillationLoss(nn.Module):
     >>> DistillationLoss(temperature=4.0, alpha=0.7).forward(student, teacher, labels)
     """
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 1.0, kind: str = "forward_kl"):
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, kind: str = "forward_kl"):
         super().__init__()
         self._temperature = temperature
         self._alpha = alpha

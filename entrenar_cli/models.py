@@ -263,6 +263,41 @@ def spread_layers(n_teacher: int, n_student: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
+@torch.no_grad()
+def block_importance(model: nn.Module, input_ids: torch.Tensor) -> list[float]:
+    """Per-block angular distance between the block's input and output hidden states, in [0, 1].
+
+    ``arccos(cos(h_in, h_out)) / pi`` averaged over tokens (Gromov et al. 2024; ShortGPT's "block
+    influence", Men et al. 2024, is ``1 - cos``): a block that barely turns the residual stream does
+    little and is the cheapest to drop. ``input_ids``: ``[b, s]``, a sample of the training data.
+    """
+    out = model(input_ids=input_ids, output_hidden_states=True)
+    # (embeddings, block_0 out, ..., block_{n-1} out); transformers applies the final norm to the last
+    # entry, which inflates the last block's score: it is always kept, so that score decides nothing
+    hs = out.hidden_states
+    scores = []
+    for i in range(num_layers(model)):
+        cos = torch.nn.functional.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1)
+        scores.append(float(torch.arccos(cos.clamp(-1.0, 1.0)).mean() / torch.pi))
+    return scores
+
+
+def importance_layers(scores: list[float], n_student: int) -> list[int]:
+    """The ``n_student`` blocks with the highest scores, always keeping the first and last, in order.
+
+    The first block turns token embeddings into the residual stream's working form and the last
+    feeds the head: dropping either is the most damaging change in every published pruning study.
+    Ties go to the earlier block.
+    """
+    n_teacher = len(scores)
+    if n_student >= n_teacher:
+        return list(range(n_teacher))
+    if n_student == 1:
+        return [n_teacher - 1]
+    middle = sorted(range(1, n_teacher - 1), key=lambda i: (-scores[i], i))[: n_student - 2]
+    return sorted([0, *middle, n_teacher - 1])
+
+
 def clean_config(config: Any) -> Any:
     """A copy of a config without GGUF quantization settings (save_pretrained refuses them)."""
     cfg = copy.deepcopy(config)

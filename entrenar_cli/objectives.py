@@ -129,6 +129,19 @@ class DistillObjective:
         # optional precomputed teacher outputs (entrenar_cli.teacher_cache.TeacherCache)
         self.cache = cache
         self._teacher_eval: dict[str, float] | None = None
+        self.progress = 0.0  # fraction of the run done, set by the engine before each step
+
+    def set_progress(self, fraction: float) -> None:
+        """Where the run is (0 at the first step, 1 at the last): drives the alpha schedule."""
+        self.progress = min(1.0, max(0.0, fraction))
+
+    @property
+    def alpha(self) -> float:
+        """The KD weight of this step: constant, or linear from alpha to alpha_end."""
+        end = getattr(self.s, "alpha_end", None)
+        if end is None:
+            return self.s.alpha
+        return self.s.alpha + (end - self.s.alpha) * self.progress
 
     def extra_parameters(self) -> list[nn.Parameter]:
         if self.progressive is not None and self.progressive.projections is not None:
@@ -187,15 +200,16 @@ class DistillObjective:
         loss = torch.zeros((), device=mask.device)
         if self.use_logits:
             s_logits = s_out.logits[..., : self.vocab]
-            need_soft = self.s.alpha > 0
+            alpha = self.alpha
+            need_soft = alpha > 0
             if need_soft and topk is None and self.s.kd_loss == "forward_kl":
                 # the default path: fused loss+gradient, one (tokens x vocab) buffer (see losses.py)
                 total, terms = fused_forward_kd(s_logits, t_logits, batch["labels"],
-                                                temperature=self.s.temperature, alpha=self.s.alpha)
+                                                temperature=self.s.temperature, alpha=alpha)
             else:
                 terms = kd_terms(s_logits, t_logits, batch["labels"], temperature=self.s.temperature,
                                  kind=self.s.kd_loss, need_soft=need_soft, need_hard=True, teacher_topk=topk)
-                total = terms.total(self.s.alpha)
+                total = terms.total(alpha)
             loss = loss + total
             if need_soft:
                 out["loss_kd"] = terms.soft

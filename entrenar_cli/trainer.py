@@ -231,6 +231,8 @@ class Engine:
     def _run_step(self, batches: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
         """Forward/backward over the step's micro-batches; loss normalised by the step's tokens."""
         batches = self._step_batches() if batches is None else batches
+        if hasattr(self.objective, "set_progress"):  # loss-weight schedules (distillation.alpha_end)
+            self.objective.set_progress(self.state.step / max(1, self.total_steps - 1))
         n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         n_seqs = sum(int(b["input_ids"].shape[0]) for b in batches)
         counts = torch.tensor([n_tokens, n_seqs], dtype=torch.float64, device=self.device)

@@ -46,6 +46,7 @@ class DistillSetup:
     student_layers: list[int] | None
     teacher_dir: Path
     precision_reason: str = ""
+    layer_scores: list[float] | None = None  # teacher block importance (strategy: importance)
 
 
 def _precision_and_device(settings: Any) -> tuple[Any, Any]:
@@ -92,15 +93,25 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     teacher = models.load_model(t_loc, task=task, dtype=t_dtype, eager_attention=need_eager,
                                 trust_remote_code=t_src.trust_remote_code, allow_pickle=t_src.allow_pickle)
     teacher.eval().requires_grad_(False)
+    max_pos = getattr(teacher.config, "max_position_embeddings", None)
+    if max_pos and cfg.dataset.max_length > max_pos:
+        raise ConfigError(f"dataset.max_length {cfg.dataset.max_length} exceeds the teacher's "
+                          f"{max_pos} positions", hint=f"set dataset.max_length <= {max_pos}")
+    train_blocks, eval_blocks = load_blocks(cfg.dataset, tokenizer, causal=(task == "causal"))
 
     st = cfg.student
     layers: list[int] | None = None
+    layer_scores: list[float] | None = None
     if st.init_from_teacher is not None:
         n_t = models.num_layers(teacher)
         spec = st.init_from_teacher.layers
-        layers = models.spread_layers(n_t, spec) if isinstance(spec, int) else list(spec)
         if isinstance(spec, int) and spec > n_t:
             raise ConfigError(f"student.init_from_teacher.layers: {spec} layers asked, the teacher has {n_t}")
+        if isinstance(spec, int) and st.init_from_teacher.strategy == "importance":
+            layer_scores = _layer_scores(teacher, train_blocks, cfg.dataset.max_length)
+            layers = models.importance_layers(layer_scores, spec)
+        else:
+            layers = models.spread_layers(n_t, spec) if isinstance(spec, int) else list(spec)
         info(f"student: {len(layers)} of the teacher's {n_t} layers {layers}")
         # built from an fp32 copy so the student's master weights are full precision
         student = models.student_from_teacher(teacher, layers)
@@ -144,17 +155,34 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
             f"teacher's {models.hidden_size(teacher)}, so their embeddings cannot be compared",
             hint="use a student of the teacher's width (e.g. student.init_from_teacher) or turn embedding off",
         )
-    max_pos = getattr(teacher.config, "max_position_embeddings", None)
-    if max_pos and cfg.dataset.max_length > max_pos:
-        raise ConfigError(f"dataset.max_length {cfg.dataset.max_length} exceeds the teacher's "
-                          f"{max_pos} positions", hint=f"set dataset.max_length <= {max_pos}")
     if st.lora is not None:
         student = models.apply_lora(student, st.lora)
 
-    train_blocks, eval_blocks = load_blocks(cfg.dataset, tokenizer, causal=(task == "causal"))
     info(f"data: {len(train_blocks)} training blocks, {len(eval_blocks)} held-out blocks of {cfg.dataset.max_length} tokens")
     return DistillSetup(cfg, teacher, student, tokenizer, task, vocab, train_blocks, eval_blocks, precision, device,
-                        t_src.model_id, student_name, layers, t_loc.path, choice.reason)
+                        t_src.model_id, student_name, layers, t_loc.path, choice.reason, layer_scores=layer_scores)
+
+
+# training blocks the teacher's layers are scored on (strategy: importance)
+IMPORTANCE_SAMPLE_BLOCKS = 8
+
+
+def _layer_scores(teacher: Any, blocks: Any, length: int) -> list[float]:
+    """Angular-distance importance of every teacher block on blocks spread over the training split."""
+    import numpy as np
+    import torch
+
+    from entrenar_cli import models
+
+    n = len(blocks)
+    if n == 0:
+        raise ConfigError("student.init_from_teacher.strategy: importance needs training data to score layers on")
+    picks = sorted({round(i * (n - 1) / max(1, IMPORTANCE_SAMPLE_BLOCKS - 1)) for i in range(IMPORTANCE_SAMPLE_BLOCKS)})
+    ids = torch.tensor(np.stack([blocks.block(j)[0][:length] for j in picks]))
+    device = next(teacher.parameters()).device
+    return models.block_importance(teacher, ids.to(device))
+
+
 
 
 def build_objective(su: DistillSetup, cache: Any = None) -> Any:
@@ -269,7 +297,7 @@ def plan(su: DistillSetup) -> dict[str, Any]:
                     "hidden_size": models.hidden_size(su.teacher), "task": su.task},
         "student": {"name": su.student_name, "parameters": s_params, "trainable_parameters": s_train,
                     "layers": models.num_layers(su.student), "hidden_size": models.hidden_size(su.student),
-                    "init_layers": su.student_layers},
+                    "init_layers": su.student_layers, "init_layer_scores": su.layer_scores},
         "steps": steps, "steps_per_epoch": per_epoch, "tokens_per_step": tokens_per_step,
         "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
         "precision": su.precision, "precision_reason": su.precision_reason, "device": str(su.device),
@@ -319,6 +347,10 @@ def print_plan(p: dict[str, Any]) -> None:
     table.add_row("layers / hidden", f"{p['teacher']['layers']} / {p['teacher']['hidden_size']}",
                   f"{p['student']['layers']} / {p['student']['hidden_size']}")
     out.print(table)
+    scores = p["student"].get("init_layer_scores")
+    if scores:
+        out.print(f"student layers {p['student']['init_layers']} chosen by importance (angular distance between "
+                  "each teacher block's input and output): " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(scores)))
     est = p.get("estimated_mem_bytes")
     out.print(f"steps {p['steps']} ({p['steps_per_epoch']} per epoch), {p['tokens_per_step']:,} tokens per step, "
               f"{p['train_blocks']} train / {p['eval_blocks']} held-out blocks on {p['device']}"

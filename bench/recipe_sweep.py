@@ -1,0 +1,335 @@
+"""Which distillation recipe beats plain cross-entropy training of the same student? (issue 15)
+
+Every run is the demo (`examples/configs/distill-smollm2.yaml`: SmolLM2-135M-Instruct Q4_1 teacher ->
+6-layer student built from its layers, Python stdlib source, batch 4 x 128 tokens, seed 42) trained
+through the real CLI (`python -m entrenar_cli distill ... --set ...`), fp32 pinned, 500 optimizer
+steps planned (one epoch is 490), held-out perplexity on 15 fixed batches every 100 steps. Runs
+write to ``--root`` (default /work/runs/recipe), never into the repository.
+
+The CE-only baseline does not depend on the KD recipe, so it runs once per learning rate: it is
+exactly what ``--baseline`` trains (``pipeline.distill.run_baseline``: same student, initialisation,
+data order and steps, plain cross-entropy, no teacher in the loop, so its wall time is honest),
+started without the KD run in front of it.
+
+Screening: a candidate can be stopped after an evaluation (``--stop-at 200``: SIGTERM, which saves
+a checkpoint) and continued later to 500 steps with ``--resume``; since the LR schedule is planned
+for 500 steps either way, the screened curve is exactly the first part of the full run.
+
+    python -m bench.recipe_sweep list
+    python -m bench.recipe_sweep ce                       # CE-only baseline, lr 5e-4 (ce-lr1e3: lr 1e-3)
+    python -m bench.recipe_sweep run a05 --stop-at 200    # screen
+    python -m bench.recipe_sweep run a05 --resume         # confirm to 500
+    python -m bench.recipe_sweep table                    # JSON + markdown in --root
+
+Run it from the repository root (or any copy of it: the code imported is the one in the cwd).
+Wall time: the fastest decile of an optimizer step's time over the logging windows that contain no
+evaluation, times the step count (evaluations and other jobs' bursts excluded; the median and
+``elapsed_s`` totals are kept in the JSON too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIG = "examples/configs/distill-smollm2.yaml"
+COMMON = [
+    "training.max_steps=500", "training.eval_steps=100", "training.eval_batches=15",
+    "training.mixed_precision=fp32", "training.save_steps=500", "training.logging_steps=10",
+]
+
+# name -> (what it tests, --set overrides on top of COMMON, the CE-only run it is compared with)
+CANDIDATES: dict[str, tuple[str, list[str], str]] = {
+    "kd": ("today's default before issue 15: forward KL, T=1, alpha=1",
+           ["distillation.alpha=1.0", "distillation.temperature=1.0", "training.learning_rate=5e-4"], "ce"),
+    "a05": ("forward KL, T=1, alpha=0.5", ["distillation.alpha=0.5", "training.learning_rate=5e-4"], "ce"),
+    "a03": ("forward KL, T=1, alpha=0.3", ["distillation.alpha=0.3", "training.learning_rate=5e-4"], "ce"),
+    "a05-lr1e3": ("forward KL, T=1, alpha=0.5, lr 1e-3",
+                  ["distillation.alpha=0.5", "training.learning_rate=1e-3"], "ce-lr1e3"),
+    "a05-t2": ("forward KL, T=2, alpha=0.5", ["distillation.alpha=0.5", "distillation.temperature=2.0",
+                                               "training.learning_rate=5e-4"], "ce"),
+    "a05-rkl": ("reverse KL, T=1, alpha=0.5", ["distillation.alpha=0.5", "distillation.kd_loss=reverse_kl",
+                                                "training.learning_rate=5e-4"], "ce"),
+    "a05-jsd": ("JSD, T=1, alpha=0.5", ["distillation.alpha=0.5", "distillation.kd_loss=jsd",
+                                         "training.learning_rate=5e-4"], "ce"),
+    "a05-skew": ("skew KL (0.1), T=1, alpha=0.5", ["distillation.alpha=0.5", "distillation.kd_loss=skew_kl",
+                                                    "training.learning_rate=5e-4"], "ce"),
+    "sched": ("forward KL, T=1, alpha annealed 0.8 -> 0.2", ["distillation.alpha=0.8", "distillation.alpha_end=0.2",
+                                                            "training.learning_rate=5e-4"], "ce"),
+    "a05-imp": ("forward KL, T=1, alpha=0.5, student layers by importance",
+                ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance",
+                 "training.learning_rate=5e-4"], "ce-imp"),
+}
+BASELINES: dict[str, tuple[str, list[str]]] = {
+    "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
+    "ce-lr1e3": ("CE-only, lr 1e-3", ["training.learning_rate=1e-3"]),
+    "ce-imp": ("CE-only, lr 5e-4, student layers by importance",
+               ["training.learning_rate=5e-4", "student.init_from_teacher.strategy=importance"]),
+}
+
+
+def _overrides(root: Path, name: str, extra: list[str]) -> list[str]:
+    return [*COMMON, *extra, f"output.dir={root / name}"]
+
+
+def _set_args(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _wait_and_stop(proc: subprocess.Popen[bytes], metrics: Path, stop_at: int | None) -> int:
+    """Wait for the run; with ``stop_at``, SIGTERM it once the evaluation at that step is logged."""
+    while proc.poll() is None:
+        time.sleep(5)
+        if stop_at and metrics.exists():
+            for line in metrics.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("event") == "eval" and rec.get("step", 0) >= stop_at:
+                    proc.send_signal(signal.SIGTERM)  # the engine saves a checkpoint, then exits
+                    return proc.wait()
+    return proc.returncode
+
+
+def cmd_run(root: Path, name: str, stop_at: int | None, resume: bool) -> int:
+    _, extra, _ = CANDIDATES[name]
+    overrides = _overrides(root, name, extra)
+    cmd = [sys.executable, "-m", "entrenar_cli", "distill", CONFIG, "--quiet",
+           "--resume" if resume else "--overwrite", *_set_args(overrides)]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        return _wait_and_stop(proc, root / name / "metrics.jsonl", stop_at)
+
+
+def cmd_ce(root: Path, name: str) -> int:
+    """The CE-only baseline in a child process (same code path as `distill --baseline`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "bench.recipe_sweep", "--root", str(root), "_ce_child", name]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    with open(root / f"{name}.log", "ab") as log:
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def _ce_child(root: Path, name: str) -> None:
+    from entrenar_cli.config import DistillationYamlConfig
+    from entrenar_cli.pipeline.common import RunOptions
+    from entrenar_cli.pipeline.distill import plan, run_baseline, setup
+
+    _, extra = BASELINES[name]
+    cfg = DistillationYamlConfig.from_file(CONFIG, _overrides(root, name, extra))
+    su = setup(cfg)
+    p = plan(su)
+    result = run_baseline(su, su.student, root / name, RunOptions(progress=False), p)
+    print(json.dumps({"plan_student": p["student"], "final": result}), flush=True)
+
+
+# ---- why pure KD falls behind: the teacher's calibration on this data --------------------------
+
+
+def cmd_probe(root: Path) -> None:
+    """Teacher calibration on the held-out batches the runs evaluate on, and both layer choices.
+
+    Reports the teacher's CE against its mean entropy (a calibrated model has entropy ~ CE), the
+    expected calibration error of its top-1 prediction (15 bins), the same at T=2, and the
+    student-before perplexity of the spread and importance layer choices.
+    """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from entrenar_cli import models
+    from entrenar_cli.config import DistillationYamlConfig
+    from entrenar_cli.pipeline.distill import _layer_scores, setup
+
+    cfg = DistillationYamlConfig.from_file(CONFIG, _overrides(root, "probe", []))
+    su = setup(cfg)
+    n_blocks = min(len(su.eval_blocks), 15 * 4)
+    ids = torch.tensor(np.stack([su.eval_blocks.block(j)[0] for j in range(n_blocks)]))
+    x, y = ids[:, :-1], ids[:, 1:]
+    out: dict[str, Any] = {"eval_blocks": n_blocks}
+    with torch.no_grad():
+        logits = torch.cat([su.teacher(input_ids=x[i:i + 4]).logits[..., : su.vocab].float()
+                            for i in range(0, n_blocks, 4)])
+        for temp in (1.0, 2.0):
+            logp = F.log_softmax(logits / temp, dim=-1).reshape(-1, su.vocab)
+            yy = y.reshape(-1)
+            ce = float(-logp.gather(-1, yy[:, None]).mean())
+            ent = float(-(logp.exp() * logp).sum(-1).mean())
+            conf, pred = logp.max(-1)
+            conf = conf.exp()
+            correct = (pred == yy).float()
+            ece = 0.0
+            bins = torch.linspace(0, 1, 16)
+            for lo, hi in zip(bins[:-1], bins[1:]):
+                m = (conf > lo) & (conf <= hi)
+                if m.any():
+                    ece += float(m.float().mean()) * abs(float(conf[m].mean()) - float(correct[m].mean()))
+            out[f"teacher_T{temp:g}"] = {"ce": ce, "perplexity": math.exp(ce), "entropy": ent,
+                                          "top1_confidence": float(conf.mean()), "top1_accuracy": float(correct.mean()),
+                                          "ece": ece}
+        # per-token: the CE excess over entropy where the teacher is confident vs not
+        logp = F.log_softmax(logits, dim=-1).reshape(-1, su.vocab)
+        tok_ce = -logp.gather(-1, y.reshape(-1, 1)).squeeze(-1)
+        tok_ent = -(logp.exp() * logp).sum(-1)
+        order = tok_ent.argsort()
+        q = len(order) // 4
+        out["by_entropy_quartile"] = [{"entropy": float(tok_ent[order[i * q:(i + 1) * q]].mean()),
+                                       "ce": float(tok_ce[order[i * q:(i + 1) * q]].mean())} for i in range(4)]
+        scores = _layer_scores(su.teacher, su.train_blocks, cfg.dataset.max_length)
+        out["importance_scores"] = scores
+        for name, layers in (("spread", models.spread_layers(30, 6)), ("importance", models.importance_layers(scores, 6))):
+            st = models.student_from_teacher(su.teacher, layers).eval()
+            s_logits = torch.cat([st(input_ids=x[i:i + 4]).logits[..., : su.vocab].float()
+                                  for i in range(0, n_blocks, 4)])
+            ce = float(F.cross_entropy(s_logits.reshape(-1, su.vocab), y.reshape(-1)))
+            out[f"student_before_{name}"] = {"layers": layers, "perplexity": math.exp(min(ce, 50.0))}
+    (root / "probe.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+
+def read_run(directory: Path) -> dict[str, Any] | None:
+    """Held-out perplexity per evaluated step, median seconds per step, total elapsed."""
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return None
+    ppl: dict[int, float] = {}
+    agree: dict[int, float] = {}
+    windows: list[float] = []
+    last_step, last_elapsed, after_eval = 0, 0.0, False
+    elapsed = 0.0
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "eval":
+            ppl[rec["step"]] = rec["perplexity"]
+            if "agreement" in rec:
+                agree[rec["step"]] = rec["agreement"]
+            after_eval = True
+        elif rec.get("event") == "train":
+            steps = rec["step"] - last_step
+            dt = rec["elapsed_s"] - last_elapsed
+            if steps > 0 and not after_eval and last_step > 0 and dt > 0:
+                windows.append(dt / steps)
+            last_step, last_elapsed, after_eval = rec["step"], rec["elapsed_s"], False
+            elapsed = rec["elapsed_s"]
+        elif rec.get("event") == "start":  # a resumed run: its elapsed_s continues the first part's
+            after_eval = True
+    if not ppl:
+        return None
+    windows.sort()
+    # the fastest decile of windows: the step's cost when other jobs on the machine left it alone
+    # (runs here shared 2 cores with other engineers' jobs; the median is kept too)
+    p10 = windows[len(windows) // 10] if windows else None
+    return {"perplexity": ppl, "agreement": agree, "s_per_step": p10,
+            "s_per_step_median": statistics.median(windows) if windows else None,
+            "steps": last_step, "elapsed_s": elapsed}
+
+
+def _interp_log(curve: dict[int, float], step: float) -> float | None:
+    """log-linear interpolation of a perplexity curve; None outside the measured range."""
+    pts = sorted(curve.items())
+    for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
+        if s0 <= step <= s1:
+            w = (step - s0) / (s1 - s0)
+            return math.exp((1 - w) * math.log(p0) + w * math.log(p1))
+    if pts and abs(step - pts[-1][0]) < 1e-9:
+        return pts[-1][1]
+    return None
+
+
+def cmd_table(root: Path) -> None:
+    rows: dict[str, Any] = {}
+    for name, (desc, extra) in BASELINES.items():
+        r = read_run(root / name)
+        if r:
+            rows[name] = {"what": desc, "overrides": extra, **r}
+    for name, (desc, extra, base) in CANDIDATES.items():
+        r = read_run(root / name)
+        if not r:
+            continue
+        b = rows.get(base)
+        r.update(what=desc, overrides=extra, baseline=base)
+        if b:
+            r["ratio"] = {s: p / b["perplexity"][s] for s, p in r["perplexity"].items() if s in b["perplexity"]}
+            if r["s_per_step"] and b["s_per_step"]:
+                # equal wall time: where the CE-only run was when this run reached each evaluation
+                r["ce_at_equal_time"] = {s: _interp_log(b["perplexity"], s * r["s_per_step"] / b["s_per_step"])
+                                         for s in r["perplexity"]}
+                # this run at the time CE-only needed for its last step
+                b_last = max(b["perplexity"])
+                r["at_ce_end_time"] = {"step": b_last * b["s_per_step"] / r["s_per_step"],
+                                       "perplexity": _interp_log(r["perplexity"],
+                                                                 b_last * b["s_per_step"] / r["s_per_step"]),
+                                       "ce_perplexity": b["perplexity"][b_last]}
+        rows[name] = r
+    (root / "sweep.json").write_text(json.dumps(rows, indent=1))
+    steps = sorted({s for r in rows.values() for s in r["perplexity"]})
+    lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " | s/step | vs CE-only |",
+             "|---|" + "---|" * (len(steps) + 2)]
+    for name, r in rows.items():
+        cells = []
+        for s in steps:
+            p = r["perplexity"].get(s)
+            ratio = r.get("ratio", {}).get(s)
+            cells.append("" if p is None else f"{p:.1f}" + (f" ({ratio:.2f}x)" if ratio else ""))
+        sps = f"{r['s_per_step']:.2f}" if r.get("s_per_step") else ""
+        lines.append(f"| {name}: {r['what']} | " + " | ".join(cells) + f" | {sps} | {r.get('baseline', '')} |")
+    eq = ["", "Equal wall time (CE-only perplexity when the run reached each evaluation; log-linear interpolation):", ""]
+    for name, r in rows.items():
+        if "ce_at_equal_time" in r:
+            parts = [f"{s}: {r['perplexity'][s]:.1f} vs {v:.1f}" for s, v in r["ce_at_equal_time"].items() if v]
+            end = r["at_ce_end_time"]
+            tail = (f"; at CE-only's final time (step {end['step']:.0f}): {end['perplexity']:.1f} vs "
+                    f"{end['ce_perplexity']:.1f}" if end["perplexity"] else "")
+            eq.append(f"- {name}: " + ", ".join(parts) + tail)
+    text = "\n".join(lines + eq) + "\n"
+    (root / "sweep.md").write_text(text)
+    print(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=Path(os.environ.get("RECIPE_ROOT", "/work/runs/recipe")))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list")
+    r = sub.add_parser("run")
+    r.add_argument("name", choices=sorted(CANDIDATES))
+    r.add_argument("--stop-at", type=int, default=None, help="stop after the evaluation at this step")
+    r.add_argument("--resume", action="store_true", help="continue a stopped run")
+    c = sub.add_parser("ce")
+    c.add_argument("name", nargs="?", default="ce", choices=sorted(BASELINES))
+    cc = sub.add_parser("_ce_child")
+    cc.add_argument("name")
+    sub.add_parser("table")
+    sub.add_parser("probe")
+    a = ap.parse_args()
+    if a.cmd == "list":
+        for name, (desc, extra, base) in CANDIDATES.items():
+            print(f"{name:12s} {desc}  [{' '.join(extra)}] vs {base}")
+        for name, (desc, extra) in BASELINES.items():
+            print(f"{name:12s} {desc}  [{' '.join(extra)}]")
+    elif a.cmd == "run":
+        sys.exit(cmd_run(a.root, a.name, a.stop_at, a.resume))
+    elif a.cmd == "ce":
+        sys.exit(cmd_ce(a.root, a.name))
+    elif a.cmd == "_ce_child":
+        _ce_child(a.root, a.name)
+    elif a.cmd == "probe":
+        cmd_probe(a.root)
+    else:
+        cmd_table(a.root)
+
+
+if __name__ == "__main__":
+    main()
