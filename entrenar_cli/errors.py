@@ -120,14 +120,16 @@ def explain(exc: BaseException) -> EntrenarError | None:
         if isinstance(exc, PermissionError):
             verb = _access_verb(str(path)) if path is not None else "access a file"
             return UsageError(f"cannot {verb}{at}: {reason or 'permission denied'}",
-                              hint="check the permissions of the file and of its directory (ls -ld), or choose another path")
+                              hint="check the permissions of the file and of its directory (ls -ld), "
+                              "or choose another path")
         if isinstance(exc, IsADirectoryError):
             return UsageError(f"{shown or 'a path'} is a directory where a file was expected",
                               hint="give the path of a file, or move the directory out of the way")
         if isinstance(exc, NotADirectoryError):
             return UsageError(
                 f"{shown or 'a path'}: a part of this path is a file where a directory was expected",
-                hint="check the path; the cache locations (ENTRENAR_CACHE, XDG_CACHE_HOME, HF_HOME) must be directories",
+                hint="check the path; the cache locations (ENTRENAR_CACHE, XDG_CACHE_HOME, HF_HOME) must be "
+                "directories",
             )
         if isinstance(exc, FileExistsError):
             return UsageError(f"{shown or 'a path'} already exists and is not what entrenar expected there "
@@ -157,12 +159,14 @@ def explain(exc: BaseException) -> EntrenarError | None:
                           hint="fix the data: a '\\udXXX' escape without its pair")
     if isinstance(exc, RecursionError):
         return EntrenarError("an input is nested too deeply to read (the recursion limit was reached)",
-                             hint="a file entrenar read (config, JSON, dataset row) is nested far deeper than a real one")
+                             hint="a file entrenar read (config, JSON, dataset row) is nested far deeper than a "
+                             "real one")
     if isinstance(exc, MemoryError) or (
             isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("out of memory", "can't allocate memory"))):
         return TrainingError("out of memory",
                              hint="lower training.batch_size or dataset.max_length, or run 'entrenar estimate' to plan "
                              "the run")
     if isinstance(exc, ValueError) and "embedded null byte" in str(exc):
-        return UsageError("a path contains a NUL character", hint="check the paths in the config and on the command line")
+        return UsageError("a path contains a NUL character",
+                          hint="check the paths in the config and on the command line")
     return None

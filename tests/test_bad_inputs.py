@@ -307,7 +307,8 @@ _LONG = "/data/" + "x" * 5000
 OS_ERRORS = [
     (PermissionError(errno.EACCES, "Permission denied", "/nonexistent-dir/out/model.safetensors"), 2,
      ["cannot create /nonexistent-dir/out/model.safetensors: permission denied"]),
-    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"), 2, ["cannot write /mnt/ro/out: read-only file system"]),
+    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"), 2,
+     ["cannot write /mnt/ro/out: read-only file system"]),
     (OSError(errno.ENOSPC, "No space left on device", "/data/out/model.safetensors"), 1,
      ["disk full while writing /data/out/model.safetensors"]),
     (OSError(errno.EFBIG, "File too large", "/data/out/model.safetensors"), 1,
@@ -325,8 +326,10 @@ OS_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("exc,code,words", OS_ERRORS, ids=[type(e).__name__ + str(getattr(e, "errno", "")) for e, _, _ in OS_ERRORS])
-def test_os_errors_are_explained(exc: BaseException, code: int, words: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("exc,code,words", OS_ERRORS,
+                         ids=[type(e).__name__ + str(getattr(e, "errno", "")) for e, _, _ in OS_ERRORS])
+def test_os_errors_are_explained(exc: BaseException, code: int, words: list[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever command meets it, an error the user's machine causes is one line naming the path."""
     from entrenar_cli import memory
 

@@ -9,7 +9,6 @@ import typing
 from pathlib import Path
 
 import pytest
-
 from pydantic import BaseModel
 
 from entrenar_cli.config import DistillationYamlConfig, FineTuneYamlConfig, load_config, validate_text
@@ -245,7 +244,8 @@ def test_duplicate_keys_are_errors_naming_both_lines() -> None:
     # keys compare by value; a merge key is not a duplicate and may be overridden
     with pytest.raises(ConfigError, match="lines 10 and 11"):
         validate_text(MINIMAL + "training:\n  seed: 1\n  'seed': 2\n", DistillationYamlConfig, "c.yaml")
-    cfg = validate_text(MINIMAL + "training:\n  <<: {epochs: 3, seed: 1}\n  seed: 7\n", DistillationYamlConfig, "c.yaml")
+    merged = MINIMAL + "training:\n  <<: {epochs: 3, seed: 1}\n  seed: 7\n"
+    cfg = validate_text(merged, DistillationYamlConfig, "c.yaml")
     assert cfg.training.epochs == 3 and cfg.training.seed == 7
 
 
@@ -303,9 +303,11 @@ def test_set_values_are_bounded_like_the_file() -> None:
 
 def test_config_file_must_be_a_utf8_text_file(tmp_path: Path) -> None:
     cases = {
-        "latin1.yaml": ("teacher:\n  model_id: caf\xe9\n".encode("latin-1"), r"latin1.yaml:2:16: not UTF-8 text \(byte 0xe9\)"),
+        "latin1.yaml": ("teacher:\n  model_id: caf\xe9\n".encode("latin-1"),
+                        r"latin1.yaml:2:16: not UTF-8 text \(byte 0xe9\)"),
         "utf16.yaml": ("teacher: {}\n".encode("utf-16"), "UTF-16"),
-        "nul.yaml": (b"teacher:\n  model_id: a\x00b\n", r"nul.yaml:2:14: invalid YAML: character U\+0000 is not allowed"),
+        "nul.yaml": (b"teacher:\n  model_id: a\x00b\n",
+                     r"nul.yaml:2:14: invalid YAML: character U\+0000 is not allowed"),
         "empty.yaml": (b"", "the file is empty"),
         "list.yaml": (b"- teacher\n", "top level must be a mapping"),
         "huge.yaml": (b"# " + b"x" * (2**20 + 10) + b"\n", "larger than 1 MiB"),
@@ -328,8 +330,8 @@ def test_bounds_on_counts_and_indices() -> None:
         validate_text(MINIMAL, DistillationYamlConfig, "c.yaml",
                       ["student.model_id=null", f"student.init_from_teacher={10**30}"])
     with pytest.raises(ConfigError, match="layer indices must be < 65536"):
-        validate_text(MINIMAL + f"distillation:\n  progressive:\n    enabled: true\n    layer_mapping: [[0, {2**64}]]\n",
-                      DistillationYamlConfig, "c.yaml")
+        mapping = f"distillation:\n  progressive:\n    enabled: true\n    layer_mapping: [[0, {2**64}]]\n"
+        validate_text(MINIMAL + mapping, DistillationYamlConfig, "c.yaml")
     with pytest.raises(ConfigError, match="NUL character"):
         validate_text(MINIMAL, DistillationYamlConfig, "c.yaml", ['output.dir="out\\0"'])
 

@@ -181,9 +181,8 @@ def _resolve(model: str, size: str | None, revision: str | None, what: str = "MO
     import dataclasses
 
     from entrenar_cli import memory
-    from entrenar_cli.errors import UsageError
-
     from entrenar_cli.config.schema import check_model_ref
+    from entrenar_cli.errors import UsageError
 
     try:
         check_model_ref(model)

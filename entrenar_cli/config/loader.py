@@ -472,6 +472,6 @@ def validate_text(
         header = f"{source}: {count} problem{'s' if count != 1 else ''} in the configuration"
         raise ConfigError(
             header + "\n  " + "\n  ".join(problems),
-            hint=f"run 'entrenar schema' for every key, its type and its bounds",
+            hint="run 'entrenar schema' for every key, its type and its bounds",
             problems=problems,
         ) from None
