@@ -116,6 +116,11 @@ class InitFromTeacher(Section):
     layers: Union[int, list[int]] = Field(
         description="Number of layers spread evenly over the teacher, or explicit 0-based teacher layer indices."
     )
+    strategy: Literal["spread", "importance"] = Field(
+        "spread",
+        description="Which layers when 'layers' is a number: spread evenly, or the most important by the angular "
+        "distance between each block's input and output on a sample of the training data (first and last kept).",
+    )
 
     @field_validator("layers")
     @classmethod
@@ -135,6 +140,12 @@ class InitFromTeacher(Section):
             if len(set(v)) != len(v):
                 raise ValueError("layer indices must be distinct")
         return v
+
+    @model_validator(mode="after")
+    def _strategy_needs_count(self) -> "InitFromTeacher":
+        if self.strategy != "spread" and not isinstance(self.layers, int):
+            raise ValueError("strategy chooses layers when 'layers' is a number; with an explicit list, drop strategy")
+        return self
 
 
 class StudentConfig(Section):
@@ -254,15 +265,22 @@ class TeacherCacheSettings(Section):
 class DistillationSettings(Section):
     """The distillation objective."""
 
-    # Defaults from measurement on language models (REFERENCE section 2): at small budgets plain
-    # forward KL at T=1 with no hard-label term did best; the classification-era T=4/alpha=0.7
-    # remains one line of YAML away.
+    # Defaults from measurement on the demo (BENCHMARKS.md "Default recipe vs CE-only (issue 15)"):
+    # forward KL at T=1 mixed half and half with hard-label CE. Pure KD (alpha=1) led CE-only early
+    # and lost to it from ~300 steps (1.07x at 490); alpha=0.5 was 0.83-0.87x CE-only at every
+    # evaluation. T=2 flattens this teacher's well-calibrated targets (ECE 0.03 -> 0.40).
     temperature: float = Field(1.0, gt=0, le=20, description="Softmax temperature T (0 < T <= 20).")
     alpha: float = Field(
-        1.0, ge=0, le=1, description="Weight of the soft (KD) term; 1 - alpha weighs hard-label CE."
+        0.5, ge=0, le=1, description="Weight of the soft (KD) term; 1 - alpha weighs hard-label CE."
     )
-    kd_loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
-        "forward_kl", description="Divergence: KL(teacher||student), KL(student||teacher), or Jensen-Shannon."
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl"] = Field(
+        "forward_kl", description="Divergence: KL(teacher||student), KL(student||teacher), Jensen-Shannon, or skew "
+        "KL(teacher || 0.1 teacher + 0.9 student) (DistiLLM)."
+    )
+    alpha_end: float | None = Field(
+        None, ge=0, le=1,
+        description="Anneal the KD weight linearly from alpha at the first step to alpha_end at the last "
+        "(KD-heavy early, hard labels late); null keeps alpha constant.",
     )
     progressive: ProgressiveSettings = Field(default_factory=ProgressiveSettings)
     attention: AttentionSettings = Field(default_factory=AttentionSettings)
