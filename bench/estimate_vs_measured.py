@@ -129,7 +129,9 @@ def build_model(case: dict[str, Any], cfg: dict[str, Any], workdir: str) -> Any:
     if s["method"] in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        targets = s["target_modules"] or ["q_proj", "v_proj"]
+        from entrenar_cli.lora_defaults import resolve_targets
+
+        targets = resolve_targets(s["target_modules"], model.config.model_type)  # what a LoRA run trains
         model = get_peft_model(model, LoraConfig(r=s["rank"], lora_alpha=2 * s["rank"],
                                                  lora_dropout=s["lora_dropout"], target_modules=targets))
         if s["gradient_checkpointing"]:

@@ -20,7 +20,7 @@ import os
 import re
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -474,27 +474,8 @@ class Split(str, Enum):
     Eval = "eval"
 
 
-@dataclass
-class DatasetOptions:
-    """Builder-style options for :class:`Dataset` (``DatasetOptions().split(Split.Train)``)."""
-
-    _split: Split = Split.Train
-    _streaming: bool = True
-    _max_length: int = 512
-    _eval_fraction: float = 0.05
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def split(self, split: Split) -> "DatasetOptions":
-        self._split = split
-        return self
-
-    def streaming(self, on: bool) -> "DatasetOptions":
-        self._streaming = on
-        return self
-
-    def max_length(self, n: int) -> "DatasetOptions":
-        self._max_length = n
-        return self
+# one class for the Hub fetcher and this builder (one set of defaults): see entrenar_cli.hub.datasets
+from entrenar_cli.hub.datasets import DatasetOptions  # noqa: E402
 
 
 class Dataset:
@@ -509,8 +490,9 @@ class Dataset:
         from entrenar_cli.config.schema import DatasetSettings
 
         options = options or DatasetOptions()
-        settings = DatasetSettings(path=path, text_column=text_column, max_length=options._max_length,
-                                   eval_fraction=options._eval_fraction)
+        sizes = {"max_length": options.block_length, "eval_fraction": options.eval_fraction}
+        settings = DatasetSettings(path=path, text_column=text_column,
+                                   **{k: v for k, v in sizes.items() if v is not None})
         train, held = load_blocks(settings, tokenizer)
         return cls(train if options._split == Split.Train else held)
 
@@ -528,14 +510,17 @@ class DistillationCollator:
     """Stacks (ids, mask) blocks into ``input_ids``/``attention_mask``/``labels`` tensors.
 
     Packed blocks need no padding; variable-length examples are padded with ``pad_token_id``
-    (right by default) and their padding labelled ``-100``.
+    (right by default, left with ``pad_left=True``). Every label is ``IGNORE_INDEX`` (-100) where
+    the target is padding or masked out, and, for causal LMs, where the input predicting it is
+    padding: with left padding the first real token follows a pad, which is no context to learn from.
     """
 
-    def __init__(self, pad_token_id: int = 0, causal: bool = True):
+    def __init__(self, pad_token_id: int = 0, causal: bool = True, *, pad_left: bool = False,
+                 max_length: int | None = None):
         self.pad_token_id = pad_token_id
         self.causal = causal
-        self._max_length: int | None = None
-        self._pad_left = False
+        self._max_length: int | None = max_length
+        self._pad_left = pad_left
 
     def max_length(self, n: int) -> "DistillationCollator":
         self._max_length = n
@@ -547,6 +532,8 @@ class DistillationCollator:
 
     def collate(self, examples: list[tuple[np.ndarray, np.ndarray]] | list[list[int]]) -> dict[str, Any]:
         import torch
+
+        from entrenar_cli.losses import IGNORE_INDEX
 
         pairs = [(np.asarray(e[0]), np.asarray(e[1])) if isinstance(e, tuple) else
                  (np.asarray(e), np.ones(len(e), dtype=np.int64)) for e in examples]
@@ -564,10 +551,11 @@ class DistillationCollator:
             loss_t[r, sl] = torch.from_numpy(m.astype(np.int64))
         if self.causal:
             inputs, targets = ids_t[:, :-1], ids_t[:, 1:].clone()
-            targets[(loss_t[:, 1:] == 0) | (mask_t[:, 1:] == 0)] = -100
+            # a target that is padding or masked out, or whose input is padding, is not trained
+            targets[(loss_t[:, 1:] == 0) | (mask_t[:, 1:] == 0) | (mask_t[:, :-1] == 0)] = IGNORE_INDEX
             return {"input_ids": inputs, "attention_mask": mask_t[:, :-1], "labels": targets}
         labels = ids_t.clone()
-        labels[mask_t == 0] = -100
+        labels[(mask_t == 0) | (loss_t == 0)] = IGNORE_INDEX
         return {"input_ids": ids_t, "attention_mask": mask_t, "labels": labels}
 
 

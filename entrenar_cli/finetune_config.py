@@ -23,6 +23,7 @@ import enum
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
+from entrenar_cli import lora_defaults
 from entrenar_cli.errors import UsageError
 from entrenar_cli.memory import Architecture, MemoryEstimate, TrainingEstimate
 
@@ -49,12 +50,13 @@ class MixedPrecision(str, enum.Enum):
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Low-rank adapter settings (Hu et al. 2021); defaults match entrenar's YAML schema."""
+    """Low-rank adapter settings (Hu et al. 2021); defaults from :mod:`entrenar_cli.lora_defaults`,
+    the same ones the YAML schema, training and ``entrenar estimate`` use."""
 
-    rank: int = 16
-    alpha: float = 32.0
-    target_modules: list[str] | str | None = None  # None: peft's default for the architecture
-    dropout: float = 0.05
+    rank: int = lora_defaults.RANK
+    alpha: float = lora_defaults.ALPHA
+    target_modules: list[str] | str | None = None  # None: lora_defaults.default_targets(model_type)
+    dropout: float = lora_defaults.DROPOUT
 
     @staticmethod
     def builder() -> "LoRAConfigBuilder":
@@ -172,10 +174,10 @@ class FineTuneConfig:
         lora = self.method.lora
         return {
             "method": self.method.kind,
-            "rank": lora.rank if lora else 16,
+            "rank": lora.rank if lora else lora_defaults.RANK,
             "target_modules": lora.target_modules if lora else None,
             "lora_alpha": lora.alpha if lora else None,
-            "lora_dropout": lora.dropout if lora else 0.05,
+            "lora_dropout": lora.dropout if lora else lora_defaults.DROPOUT,
             "batch_size": self.batch_size,
             "seq_len": self.seq_len,
             "dtype": MixedPrecision(self.mixed_precision).value,

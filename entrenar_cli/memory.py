@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from entrenar_cli import catalogue
+from entrenar_cli import catalogue, lora_defaults
 from entrenar_cli.errors import UsageError
 from entrenar_cli.estimate.layout import Layout, Shape, analytic_layout, meta_layout, shape_of
 from entrenar_cli.estimate.sources import ResolvedModel, resolve_config, resolve_model
@@ -114,9 +114,10 @@ def count_parameters(config: dict[str, Any]) -> int:
 
 
 def lora_trainable_parameters(
-    config: dict[str, Any], rank: int = 16, target_modules: list[str] | str | None = None
+    config: dict[str, Any], rank: int = lora_defaults.RANK, target_modules: list[str] | str | None = None
 ) -> int:
-    """What peft's ``get_nb_trainable_parameters()`` reports for LoRA with this rank and these targets."""
+    """What peft's ``get_nb_trainable_parameters()`` reports for LoRA with this rank and these targets
+    (None: the targets training uses, :func:`entrenar_cli.lora_defaults.default_targets`)."""
     layout = layout_for(config)
     shape = shape_of(config, layout)
     return lora_trainable_params(lora_targets(layout, shape.model_type, target_modules), rank)
@@ -175,7 +176,7 @@ def estimate_training(
     config: dict[str, Any],
     *,
     method: str = "full",
-    rank: int = 16,
+    rank: int = lora_defaults.RANK,
     target_modules: list[str] | str | None = None,
     batch_size: int = 1,
     seq_len: int = 512,
@@ -185,7 +186,7 @@ def estimate_training(
     attention: str = "sdpa",
     teacher_config: dict[str, Any] | None = None,
     lora_alpha: float | None = None,
-    lora_dropout: float = 0.05,
+    lora_dropout: float = lora_defaults.DROPOUT,
     gradient_accumulation: int = 1,
     device: str = "cuda",
 ) -> TrainingEstimate:
@@ -193,7 +194,8 @@ def estimate_training(
 
     ``method``: full | lora | qlora. ``dtype``: fp32, or bf16/fp16 mixed precision (see
     :mod:`entrenar_cli.estimate.training` for what each recipe keeps). ``target_modules``: a list
-    of module names, a regex string, 'all-linear', or None for peft's default for the model type.
+    of module names, a regex string, 'all-linear', or None for the
+    targets training uses (:mod:`entrenar_cli.lora_defaults`).
     ``teacher_config`` adds a frozen distillation teacher. ``device`` only changes dropout masks
     and the optimizer's temporaries (CUDA: bool masks, foreach AdamW; CPU: dtype masks,
     per-tensor AdamW). Raises UsageError for invalid settings.

@@ -8,7 +8,7 @@ Safety: weights load with ``use_safetensors=True`` unless the user allowed pickl
 from __future__ import annotations
 
 import copy
-import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,26 +16,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.utils import logging as hf_logging
 
-from entrenar_cli.errors import ConfigError, ModelError
+from entrenar_cli import lora_defaults
+from entrenar_cli.errors import EXIT_USAGE, ConfigError, ModelError
+from entrenar_cli.library_output import quiet_libraries
+from entrenar_cli.model_config import check_with_transformers, config_error, read_config_file
 
-# entrenar shows its own progress; transformers' per-load bars would interleave with it
-hf_logging.disable_progress_bar()
+# entrenar shows its own progress and messages; library bars and notices would interleave with them
+quiet_libraries()
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# default LoRA targets: the attention projections of each family
-LORA_DEFAULT_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "phi": ["q_proj", "k_proj", "v_proj", "dense"],
-    "gpt2": ["c_attn", "c_proj"],
-    "bert": ["query", "key", "value"],
-    "roberta": ["query", "key", "value"],
-}
+# kept for imports: the defaults live in entrenar_cli.lora_defaults
+LORA_DEFAULT_TARGETS = {k: list(v) for k, v in lora_defaults.TARGETS.items()}
 _LAYER_KEY = re.compile(r"^(.*?\.(?:layers|layer|h|blocks))\.(\d+)\.(.*)$")
 
 
@@ -74,18 +66,14 @@ def locate(model_id: str, *, revision: str | None = None, fmt: str = "safetensor
     p = package_path(model_id) if model_id.startswith("pkg:") else Path(model_id).expanduser()
     if p.is_file():
         if p.suffix == ".gguf":
-            from entrenar_cli.hub.verify import verify_gguf
-
-            verify_gguf(p)
+            check_gguf(p)
             return ModelLocation(p.parent, p.name, model_id)
         raise ModelError(f"{model_id} is a file, not a model directory",
                          hint="point at the directory holding config.json, or at a .gguf file")
     if p.is_dir():
         if fmt == "gguf" or gguf_file:
-            from entrenar_cli.hub.verify import verify_gguf
-
             name = gguf_file or _single_gguf(p)
-            verify_gguf(p / name)
+            check_gguf(p / name)
             return ModelLocation(p, name, model_id)
         _check_local_weights(p, allow_pickle)
         return ModelLocation(p, None, model_id)
@@ -95,8 +83,24 @@ def locate(model_id: str, *, revision: str | None = None, fmt: str = "safetensor
 
     local = Path(resolve_model(model_id, revision=revision, fmt=fmt, allow_pickle=allow_pickle, gguf_file=gguf_file))
     if local.is_file():
+        if local.suffix == ".gguf":
+            check_gguf(local)
         return ModelLocation(local.parent, local.name, model_id)
     return ModelLocation(local, None, model_id)
+
+
+def check_gguf(path: Path) -> None:
+    """Magic number, version, then a full parse of the header and tensor table (the check
+    ``entrenar estimate`` makes): a file truncated in the middle fails here, named, not in transformers."""
+    from entrenar_cli.estimate.sources import open_gguf
+    from entrenar_cli.hub.verify import verify_gguf
+
+    try:
+        verify_gguf(path)
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror or exc}",
+                         hint="check that the file exists and that you may read it", exit_code=EXIT_USAGE) from None
+    open_gguf(path)
 
 
 def materialize_gguf(loc: ModelLocation) -> ModelLocation:
@@ -145,9 +149,15 @@ def _check_local_weights(directory: Path, allow_pickle: bool) -> None:
     if not (directory / "config.json").is_file():
         if (directory / "adapter_config.json").is_file():
             return
-        raise ModelError(f"{directory}: no config.json: not a Hugging Face model directory")
-    safe = list(directory.glob("*.safetensors"))
-    pickled = [f for f in directory.iterdir() if f.suffix in PICKLE_SUFFIXES]
+        raise ModelError(f"{directory}: no config.json: not a Hugging Face model directory",
+                         hint="point at the directory holding config.json and the weights", exit_code=EXIT_USAGE)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise ModelError(f"cannot list the model directory {directory}: {exc.strerror or exc}",
+                         hint="check that you may read it", exit_code=EXIT_USAGE) from None
+    safe = [directory / n for n in names if n.endswith(".safetensors")]
+    pickled = [directory / n for n in names if Path(n).suffix in PICKLE_SUFFIXES]
     if not safe and pickled and not allow_pickle:
         names = ", ".join(sorted(f.name for f in pickled))
         raise ModelError(
@@ -155,11 +165,17 @@ def _check_local_weights(directory: Path, allow_pickle: bool) -> None:
             hint="convert them to safetensors, or set allow_pickle: true (--allow-pickle) if you trust them",
         )
     if not safe and not pickled:
-        raise ModelError(f"{directory}: no weights (*.safetensors) found")
+        raise ModelError(f"{directory}: no weights (*.safetensors) found",
+                         hint="the directory needs model.safetensors (or shards) next to config.json",
+                         exit_code=EXIT_USAGE)
     from entrenar_cli.hub.verify import verify_safetensors
 
     for f in safe:  # headers only: catches truncated files and pickles renamed to .safetensors
-        verify_safetensors(f)
+        try:
+            verify_safetensors(f)
+        except OSError as exc:
+            raise ModelError(f"cannot read the weights {f}: {exc.strerror or exc}",
+                             hint="check that the file exists and that you may read it", exit_code=EXIT_USAGE) from None
 
 
 def read_config(loc: ModelLocation) -> dict[str, Any]:
@@ -167,14 +183,18 @@ def read_config(loc: ModelLocation) -> dict[str, Any]:
     if loc.is_gguf:
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(loc.path, gguf_file=loc.gguf_file).to_dict()
-    try:
-        data = json.loads((loc.path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{loc.path / 'config.json'}: cannot read: {exc}") from None
+        try:
+            return AutoConfig.from_pretrained(loc.path, gguf_file=loc.gguf_file).to_dict()
+        except Exception as exc:  # noqa: BLE001 - any failure to read the header means an unusable file
+            raise ModelError(f"{loc.path / loc.gguf_file}: cannot read its model settings "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})",
+                             hint="the GGUF architecture may not be supported by transformers; "
+                             "use the original Hugging Face model") from None
+    data = read_config_file(loc.path / "config.json")
     if "model_type" not in data:
-        raise ModelError(f"{loc.path / 'config.json'} has no 'model_type'",
-                         hint="add the model_type (e.g. llama, bert) transformers should build")
+        raise config_error(loc.path / "config.json", "no 'model_type'",
+                           hint="add the model_type (e.g. llama, bert) transformers should build")
+    check_with_transformers(data, loc.path / "config.json")
     return data
 
 
@@ -203,16 +223,52 @@ def _auto_class(task: str) -> Any:
 def load_tokenizer(loc: ModelLocation, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    config = read_config(loc) if not loc.is_gguf and (loc.path / "config.json").is_file() else None
     try:
         kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if loc.is_gguf:
             kwargs["gguf_file"] = loc.gguf_file
         tok = AutoTokenizer.from_pretrained(loc.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a tokenizer from {loc.name or loc.path}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises bare Exceptions for broken files
+        raise ModelError(f"cannot load a tokenizer from {loc.name or loc.path}: {_first_line(exc)}",
+                         hint="the directory needs complete tokenizer files (tokenizer.json or vocab files)") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token or tok.sep_token
+    if config is not None:
+        check_tokenizer_fits(tok, config, loc)
     return tok
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def config_vocab_size(config: dict[str, Any]) -> int | None:
+    """The embedding rows a config.json asks for (a multimodal model's text part), if it says."""
+    for cfg in (config, config.get("text_config")):
+        if isinstance(cfg, dict) and isinstance(cfg.get("vocab_size"), int):
+            return int(cfg["vocab_size"])
+    return None
+
+
+def check_tokenizer_fits(tokenizer: Any, config: dict[str, Any], loc: ModelLocation) -> None:
+    """Every id the tokenizer can produce must index a row of the model's embedding.
+
+    A tokenizer with more tokens than the model has rows (tokens added but the model not resized,
+    or files from two models mixed) would fail mid-training with an index error, or silently on a
+    GPU; refuse it before anything loads, naming both sizes.
+    """
+    rows = config_vocab_size(config)
+    size = len(tokenizer)
+    if rows is not None and size > rows:
+        raise ModelError(
+            f"{loc.name or loc.path}: the tokenizer has {size} tokens but the model's vocabulary "
+            f"(config.json vocab_size) has {rows} rows: token ids {rows}..{size - 1} would index past the embedding",
+            hint="use the tokenizer that belongs to these weights, or resize the model's embeddings "
+            "(model.resize_token_embeddings(len(tokenizer))) and save it",
+            exit_code=EXIT_USAGE,
+        )
 
 
 def load_model(loc: ModelLocation, *, task: str | None = None, dtype: torch.dtype = torch.float32,
@@ -221,6 +277,7 @@ def load_model(loc: ModelLocation, *, task: str | None = None, dtype: torch.dtyp
     """Load weights with the right Auto class; eager attention only when maps are needed."""
     config = read_config(loc)
     task = task or task_of(config)
+    _check_model_type(config, loc, trust_remote_code)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
@@ -231,17 +288,49 @@ def load_model(loc: ModelLocation, *, task: str | None = None, dtype: torch.dtyp
     else:
         kwargs["use_safetensors"] = not allow_pickle or any(loc.path.glob("*.safetensors"))
     try:
-        model = _auto_class(task).from_pretrained(loc.path, **kwargs)
-    except ValueError as exc:
-        if "sdpa" in str(exc).lower() or "attn_implementation" in str(exc):
+        try:
+            model = _auto_class(task).from_pretrained(loc.path, **kwargs)
+        except ValueError as exc:
+            if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
+                raise
             kwargs["attn_implementation"] = "eager"
             model = _auto_class(task).from_pretrained(loc.path, **kwargs)
-        else:
-            raise ModelError(f"cannot load {loc.name or loc.path}: {exc}") from None
-    except (OSError, RuntimeError) as exc:
-        raise ModelError(f"cannot load {loc.name or loc.path}: {str(exc).splitlines()[0]}",
-                         hint="check that the weights are complete (re-run 'entrenar fetch')") from None
+    except (KeyboardInterrupt, MemoryError, ModelError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers reports a bad model with many exception types
+        raise _load_error(loc, exc) from None
     return model
+
+
+def _check_model_type(config: dict[str, Any], loc: ModelLocation, trust_remote_code: bool) -> None:
+    """A model_type this transformers does not know is named before any loading starts."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if loc.is_gguf or (trust_remote_code and config.get("auto_map")) or model_type in CONFIG_MAPPING:
+        return
+    import transformers
+
+    raise config_error(loc.path / "config.json",
+                       f"model_type {model_type!r} is not an architecture transformers "
+                       f"{transformers.__version__} knows",
+                       hint="check the spelling (llama, qwen2, gpt2, bert, ...), or upgrade transformers")
+
+
+def _load_error(loc: ModelLocation, exc: Exception) -> ModelError:
+    """One message for a model transformers could not build or load, naming what to check."""
+    where = loc.name or str(loc.path)
+    text = str(exc)
+    config = loc.path / (loc.gguf_file or "config.json")
+    if "mismatched_sizes" in text or "size mismatch" in text:
+        return config_error(config, "its sizes do not match the weights (a tensor's shape differs)",
+                            hint="config.json must be the one saved with these weights")
+    if isinstance(exc, (TypeError, KeyError, AttributeError, IndexError, OverflowError, ZeroDivisionError,
+                        AssertionError)) or "Unrecognized model" in text or "does not recognize" in text:
+        return config_error(config, f"transformers cannot build a model from it ({_first_line(exc)})",
+                            hint="check model_type and the sizes in config.json")
+    return ModelError(f"cannot load {where}: {_first_line(exc)}",
+                      hint="check that the weights are complete (re-run 'entrenar fetch')")
 
 
 def num_layers(model: nn.Module) -> int:
@@ -377,17 +466,24 @@ def check_vocab(teacher_tok: Any, student_tok: Any, teacher: nn.Module, student:
     return common, f"vocabulary sizes differ only in padding rows ({v_t} vs {v_s}): comparing the first {common} logits"
 
 
-def apply_lora(model: nn.Module, settings: Any, *, model_type: str | None = None) -> nn.Module:
-    """Wrap ``model`` with peft LoRA adapters; only the adapters train."""
+def apply_lora(model: nn.Module, settings: Any = None, *, model_type: str | None = None) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; only the adapters train.
+
+    ``settings``: anything with ``rank``, ``alpha``, ``dropout`` and ``target_modules`` (the YAML's
+    ``lora`` section, :class:`entrenar_cli.finetune_config.LoRAConfig`); None or a missing field
+    takes :mod:`entrenar_cli.lora_defaults`, the defaults ``entrenar estimate`` counts.
+    """
     from peft import LoraConfig, get_peft_model
 
     model_type = model_type or getattr(model.config, "model_type", "")
-    targets = settings.target_modules or LORA_DEFAULT_TARGETS.get(model_type)
-    if targets is None:
-        targets = "all-linear"
+    targets = lora_defaults.resolve_targets(getattr(settings, "target_modules", None), model_type)
     task_type = "CAUSAL_LM" if task_of(model.config.to_dict()) == "causal" else None
-    cfg = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=targets, task_type=task_type)
+    # GPT-2's attention and MLP are Conv1D (weights stored transposed); peft needs to be told
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    cfg = LoraConfig(r=getattr(settings, "rank", lora_defaults.RANK),
+                     lora_alpha=getattr(settings, "alpha", lora_defaults.ALPHA),
+                     lora_dropout=getattr(settings, "dropout", lora_defaults.DROPOUT),
+                     target_modules=targets, task_type=task_type, fan_in_fan_out=conv1d)
     try:
         return get_peft_model(model, cfg)
     except ValueError as exc:

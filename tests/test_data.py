@@ -102,3 +102,29 @@ def test_collator_pads_variable_examples_and_masks_padding() -> None:
     assert batch["labels"].tolist() == [[6, 7, 8], [10, -100, -100]]
     left = DistillationCollator(pad_token_id=0).pad_left(True).collate([[5, 6, 7, 8], [9, 10]])
     assert left["input_ids"][1].tolist() == [0, 0, 9] and left["labels"][1].tolist()[-1] == 10
+
+
+def test_left_padding_never_trains_a_label_whose_input_is_padding() -> None:
+    from entrenar_cli.losses import IGNORE_INDEX
+
+    batch = DistillationCollator(pad_token_id=0, pad_left=True).collate([[5, 6, 7, 8], [9, 10]])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 9]]
+    # row 2: inputs pad, pad, 9 -> targets pad (padding), 9 (its input is padding), 10 (its input is 9)
+    assert batch["labels"].tolist() == [[6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 10]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    trained = batch["labels"] != IGNORE_INDEX
+    assert bool((batch["attention_mask"][trained] == 1).all())  # every trained label has a real input
+
+
+def test_one_dataset_options_class_for_hub_and_builder() -> None:
+    import dataclasses
+
+    from entrenar_cli import hub
+
+    assert DatasetOptions is hub.DatasetOptions
+    fetch = hub.DatasetOptions(split="validation", config="en")
+    assert fetch.split == "validation" and f"{fetch.split}" == "validation" and fetch.config == "en"
+    assert dataclasses.replace(fetch, revision="main").split == "validation"
+    built = DatasetOptions().split(Split.Eval).streaming(False).max_length(32)
+    assert (built.split, built.stream, built.block_length) == ("eval", False, 32)
+    assert DatasetOptions().split == "train" and DatasetOptions().block_length is None  # the YAML's defaults

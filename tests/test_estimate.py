@@ -111,7 +111,8 @@ def test_lora_counts_for_llama2_7b_match_peft_printouts() -> None:
     cfg = catalogue.lookup("llama", "7b").config
     assert memory.lora_trainable_parameters(cfg, 8, ["q_proj", "v_proj"]) == 4_194_304
     assert memory.lora_trainable_parameters(cfg, 16, "all-linear") == 39_976_960
-    assert memory.lora_trainable_parameters(cfg, 8, None) == 4_194_304  # peft's default targets: q_proj, v_proj
+    # entrenar's default targets (what a LoRA run trains): q/k/v/o, 4 x 32 x 8 x (4096 + 4096)
+    assert memory.lora_trainable_parameters(cfg, 8, None) == 8_388_608
 
 
 TINY_MODELS = {
@@ -136,6 +137,8 @@ def test_lora_trainable_count_equals_peft(family: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from entrenar_cli.lora_defaults import resolve_targets
+
     cfg = TINY_MODELS[family]
     causal = cfg["architectures"][0].endswith(("ForCausalLM", "LMHeadModel"))
     checked = 0
@@ -148,12 +151,48 @@ def test_lora_trainable_count_equals_peft(family: str) -> None:
             torch.manual_seed(0)
             base = (AutoModelForCausalLM if causal else AutoModel).from_config(AutoConfig.for_model(**cfg))
             assert sum(p.numel() for p in base.parameters()) == memory.count_parameters(cfg)
-            peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+            peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=resolve_targets(
+                targets, cfg["model_type"]), fan_in_fan_out=family == "gpt2"))
             trainable, total = peft_model.get_nb_trainable_parameters()
             assert ours == trainable, (family, rank, targets)
             assert total - trainable == memory.count_parameters(cfg)
             checked += 1
     assert checked >= 4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "bert"])
+def test_default_lora_estimate_counts_the_adapters_training_builds(family: str) -> None:
+    """One set of LoRA defaults: `entrenar estimate --method lora`, memory.estimate_training, the
+    FineTuneConfig API and a default LoRA run (models.apply_lora with the YAML's lora section) agree."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from entrenar_cli import models
+    from entrenar_cli.config.schema import LoRASettings
+    from entrenar_cli.finetune_config import FineTuneConfig, FineTuneMethod
+
+    cfg = TINY_MODELS[family]
+    causal = cfg["architectures"][0].endswith(("ForCausalLM", "LMHeadModel"))
+    torch.manual_seed(0)
+    base = (AutoModelForCausalLM if causal else AutoModel).from_config(AutoConfig.for_model(**cfg))
+    built = models.apply_lora(base, LoRASettings())
+    trained = sum(p.numel() for p in built.parameters() if p.requires_grad)
+    assert trained > 0
+    assert memory.estimate_training(cfg, method="lora").trainable_parameters == trained
+    assert memory.lora_trainable_parameters(cfg) == trained
+    api = FineTuneConfig.builder(family).method(FineTuneMethod.LoRA()).build().estimate_memory(cfg)
+    assert api.estimate.trainable_parameters == trained
+
+
+def test_default_lora_estimate_matches_a_real_run(tiny_llama: Path) -> None:
+    """The tiny llama (4 layers, hidden 64, 2 KV heads): a default LoRA run trains q/k/v/o, 28,672
+    parameters; the CLI estimate counts the same (it counted q/v, 14,336, before)."""
+    result = runner.invoke(app, ["estimate", str(tiny_llama), "--method", "lora", "--json"])
+    assert result.exit_code == 0, result.output
+    est = json.loads(result.output)
+    lora = est["training"]["lora"]
+    assert lora["trainable_parameters"] == 28_672, lora
+    assert sorted(lora["lora_target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 
 def test_lora_targets_that_match_nothing_are_a_usage_error() -> None:

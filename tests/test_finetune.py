@@ -116,3 +116,30 @@ def test_instruction_jsonl_finetune_labels_only_completions(tiny_llama: Path, tm
     ids, mask = su.train_blocks.block(0)
     # prompt tokens carry mask 0: a real share of each block is excluded from the loss
     assert 0.2 < (mask == 0).mean() < 0.9
+
+
+def test_default_lora_run_output_is_entrenars_own_and_trains_what_estimate_counts(
+        tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    """A plain LoRA run in a fresh process: no bitsandbytes kernel notice, no transformers progress
+    bars or deprecation warnings; it trains the default q/k/v/o adapters `entrenar estimate` counts."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(f"model:\n  model_id: {tiny_llama}\nmethod: lora\n"
+                   f"training:\n  max_steps: 2\n  batch_size: 2\n  mixed_precision: fp32\n"
+                   f"dataset:\n  path: {stdlib_text}\n  max_length: 32\noutput:\n  dir: {tmp_path / 'out'}\n")
+    env = {k: v for k, v in os.environ.items() if k != "ENTRENAR_DEBUG"}
+    proc = subprocess.run([sys.executable, "-m", "entrenar_cli", "finetune", str(cfg)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    both = proc.stdout + proc.stderr
+    assert proc.returncode == 0, both[-3000:]
+    for noise in ("Failed to load", "kernels", "Loading weights", "Loading checkpoint shards", "it/s]",
+                  "Warning:", "warnings.warn", "Writing model shards"):
+        assert noise not in both, (noise, both[-3000:])
+    assert "trainable 28,672" in both, both[-3000:]  # 4 layers x (q 64x64 + k 64x32 + v 64x32 + o 64x64), r=16
+    est = subprocess.run([sys.executable, "-m", "entrenar_cli", "estimate", str(tiny_llama), "--method", "lora",
+                          "--json"], capture_output=True, text=True, timeout=300, env=env)
+    assert est.returncode == 0, est.stderr
+    assert json.loads(est.stdout)["training"]["lora"]["trainable_parameters"] == 28_672

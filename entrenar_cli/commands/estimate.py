@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from entrenar_cli import lora_defaults
 from entrenar_cli.commands.options import JsonOption
 
 SCHEMA_ID = "entrenar.estimate/v1"
@@ -44,18 +45,18 @@ def estimate(
         Optional[str],
         typer.Option("--method", "-m", help="full | lora | qlora. Default: show all three side by side."),
     ] = None,
-    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")] = 16,
+    rank: Annotated[int, typer.Option("--rank", "-r", help="LoRA rank r.")] = lora_defaults.RANK,
     target_modules: Annotated[
         Optional[str],
         typer.Option(
             "--target-modules",
             help="LoRA targets: comma-separated module names (q_proj,v_proj) or all-linear. "
-            "Default: peft's default for the architecture.",
+            "Default: the targets training uses (the attention projections, e.g. q/k/v/o for Llama).",
         ),
     ] = None,
     lora_dropout: Annotated[
         float, typer.Option("--lora-dropout", help="LoRA dropout (> 0 keeps a mask per adapter input).")
-    ] = 0.05,
+    ] = lora_defaults.DROPOUT,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per micro-batch.")] = 1,
     seq_len: Annotated[int, typer.Option("--seq-len", "-s", help="Tokens per sequence.")] = 512,
     dtype: Annotated[

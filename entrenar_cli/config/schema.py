@@ -12,6 +12,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from entrenar_cli import lora_defaults
+
 # Upper bounds on counts: far above any real run, far below what breaks later (int64 seeds and
 # indices, tensors sized by a batch, loops bounded by a step count).
 MAX_STEPS = 10**9
@@ -100,9 +102,9 @@ class TeacherConfig(ModelSource):
 class LoRASettings(Section):
     """Low-rank adapters (Hu et al. 2021) through peft."""
 
-    rank: int = Field(16, gt=0, le=MAX_BATCH, description="Adapter rank r.")
-    alpha: float = Field(32.0, gt=0, description="Scaling numerator: updates are scaled by alpha / rank.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    rank: int = Field(lora_defaults.RANK, gt=0, le=MAX_BATCH, description="Adapter rank r.")
+    alpha: float = Field(lora_defaults.ALPHA, gt=0, description="Scaling numerator: updates are scaled by alpha / rank.")
+    dropout: float = Field(lora_defaults.DROPOUT, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: Union[list[str], Literal["all-linear"], None] = Field(
         None,
         description="Module names to adapt; 'all-linear' for every linear layer; "

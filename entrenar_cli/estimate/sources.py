@@ -8,7 +8,6 @@ No weights are read or downloaded, and no code from a repo runs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +27,9 @@ class ResolvedModel:
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    except OSError as exc:
-        raise ModelError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    from entrenar_cli.model_config import read_config_file
+
+    return read_config_file(path)  # the same checks as training: file and key named, exit 2
 
 
 # llama.cpp architecture name -> (transformers model_type, architectures entry)
@@ -48,20 +41,27 @@ _GGUF_ARCHS: dict[str, tuple[str, str]] = {
 }
 
 
+def open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` over the whole file: header, metadata and tensor table are parsed, so a
+    file truncated anywhere fails here with its name (training uses this check too)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as exc:  # pragma: no cover - gguf is a dependency
+        raise EntrenarError("reading .gguf files needs the 'gguf' package", hint="pip install gguf") from exc
+    try:
+        return GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - any parse failure means an unusable file
+        raise ModelError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})",
+                         hint="the file is damaged or incomplete (truncated download?): download it again") from None
+
+
 def gguf_config(path: Path) -> dict[str, Any]:
     """A transformers-style config from a GGUF file's metadata (no tensor data is read).
 
     Llama-family architectures are mapped directly from ``gguf.GGUFReader`` fields; any other
     architecture goes through transformers' own GGUF config loader.
     """
-    try:
-        from gguf import GGUFReader
-    except ImportError as exc:  # pragma: no cover - gguf is a dependency
-        raise EntrenarError("reading .gguf files needs the 'gguf' package", hint="pip install gguf") from exc
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - any parse failure means an unusable file
-        raise ModelError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    reader = open_gguf(path)
 
     def get(key: str, default: Any = None) -> Any:
         f = reader.fields.get(key)

@@ -40,6 +40,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from entrenar_cli import lora_defaults
 from entrenar_cli.errors import UsageError
 from entrenar_cli.estimate.layout import Layout, ModuleInfo, Shape
 
@@ -49,28 +50,6 @@ TRAIN_DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-fused", "adamw-8bit", "sgd")
 ATTENTIONS: tuple[str, ...] = ("sdpa", "eager")
 DEVICES: tuple[str, ...] = ("cuda", "cpu")
-
-# peft's default LoRA targets per model type (peft.utils.constants), for the families people train;
-# other model types fall back to peft's own table when peft is importable.
-DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "t5": ["q", "v"],
-}
 
 # NF4 with double quantization (bitsandbytes): 4-bit codes, one 8-bit absmax per block of 64,
 # one fp32 absmax (plus offset) per 256 first-level constants.
@@ -109,27 +88,15 @@ def weights_bytes_by_dtype(layout: Layout) -> dict[str, int]:
 # LoRA targets, as peft resolves them
 
 
-def default_lora_targets(model_type: str) -> list[str]:
-    """peft's default target modules for a model type (UsageError when it has none)."""
-    if model_type in DEFAULT_LORA_TARGETS:
-        return list(DEFAULT_LORA_TARGETS[model_type])
-    try:
-        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_MAP
-    except ImportError:
-        PEFT_MAP = {}
-    if model_type in PEFT_MAP and isinstance(PEFT_MAP[model_type], list):
-        return list(PEFT_MAP[model_type])
-    raise UsageError(
-        f"no default LoRA target modules for model type {model_type!r}",
-        hint="pass --target-modules, e.g. --target-modules q_proj,v_proj or --target-modules all-linear",
-    )
+def default_lora_targets(model_type: str) -> list[str] | str:
+    """The targets training uses when none are set (:mod:`entrenar_cli.lora_defaults`): names or 'all-linear'."""
+    return lora_defaults.default_targets(model_type)
 
 
 def lora_targets(layout: Layout, model_type: str, target_modules: list[str] | str | None) -> list[ModuleInfo]:
     """The modules peft would adapt: names equal to a target or ending in '.target'; a string is a
     regex (full match); 'all-linear' is every linear except the output head."""
-    if target_modules is None:
-        target_modules = default_lora_targets(model_type)
+    target_modules = lora_defaults.resolve_targets(target_modules, model_type)
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         return [m for m in layout.modules if m.kind == "linear" and not m.output_head]
     if isinstance(target_modules, str):
@@ -161,10 +128,10 @@ class EstimateSettings:
     """Everything besides the model that decides training memory."""
 
     method: str = "full"
-    rank: int = 16
-    target_modules: list[str] | str | None = None
+    rank: int = lora_defaults.RANK
+    target_modules: list[str] | str | None = None  # None: lora_defaults.default_targets(model_type)
     lora_alpha: float | None = None  # recorded; scaling does not change memory
-    lora_dropout: float = 0.05  # entrenar's default (LoRASettings.dropout); >0 adds a mask per adapter input
+    lora_dropout: float = lora_defaults.DROPOUT  # > 0 adds a mask per adapter input
     batch_size: int = 1
     seq_len: int = 512
     dtype: str = "bf16"

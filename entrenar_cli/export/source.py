@@ -8,12 +8,14 @@ arbitrary code when loaded, so they are refused unless the user passes ``--allow
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from entrenar_cli.errors import ModelError, UsageError
+from entrenar_cli.errors import EXIT_USAGE, ModelError, UsageError
 from entrenar_cli.export.weights import TOKENIZER_FILES, ModelWeights, is_causal_lm
+from entrenar_cli.model_config import check_with_transformers
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -39,6 +41,9 @@ def load_source(
     tokenizer: Optional[Path] = None,
 ) -> LoadedSource:
     """Detect the kind of input and load it; every user-caused problem is a clear error."""
+    from entrenar_cli.library_output import quiet_libraries
+
+    quiet_libraries()
     if not path.exists():
         raise UsageError(f"model not found: {path}", hint="pass a model directory, a LoRA adapter directory or an .apr.json file")
     if tokenizer is not None and not tokenizer.is_dir():
@@ -60,12 +65,28 @@ def load_source(
 
 
 def check_weight_files(directory: Path, allow_pickle: bool, stem: str = "model") -> bool:
-    """True when the weights are SafeTensors; pickles only with --allow-pickle, else refuse."""
-    if any(directory.glob("*.safetensors")):
+    """True when the weights are SafeTensors (every header verified: a truncated or damaged file is
+    refused, named, before anything loads); pickles only with --allow-pickle, else refuse."""
+    from entrenar_cli.hub.verify import verify_safetensors
+
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        raise UsageError(f"cannot list {directory}: {exc.strerror or exc}", hint="check that you may read it") from None
+    safe = [directory / n for n in names if n.endswith(".safetensors")]
+    for f in safe:
+        try:
+            verify_safetensors(f)
+        except OSError as exc:
+            raise UsageError(f"cannot read the weights {f}: {exc.strerror or exc}",
+                             hint="check that the file exists and that you may read it") from None
+    if safe:
         return True
-    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = [n for n in names if Path(n).suffix in PICKLE_SUFFIXES]
     if not pickles:
-        raise ModelError(f"no {stem} weights in {directory} (no .safetensors file)")
+        raise ModelError(f"no {stem} weights in {directory} (no .safetensors file)",
+                         hint="point at the directory that holds the weights next to config.json",
+                         exit_code=EXIT_USAGE)
     if not allow_pickle:
         raise UsageError(
             f"{directory} has only pickle weights ({', '.join(pickles[:3])}); loading a pickle can run arbitrary code",
@@ -89,10 +110,10 @@ def _auto_class(config: dict[str, Any]) -> Any:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None
+    """config.json / adapter_config.json, parsed and checked (file and key named on failure, exit 2)."""
+    from entrenar_cli.model_config import read_config_file
+
+    return read_config_file(path)
 
 
 def _optional_json(path: Path) -> Any:
@@ -142,16 +163,26 @@ def _from_pretrained(auto: Any, where: str, *, use_safetensors: bool, trust_remo
                 f"{where} needs custom code from its repository to load",
                 hint="pass --trust-remote-code only if you trust that code",
             ) from None
+        if "Unrecognized model" in str(exc) or "model_type" in str(exc):
+            raise ModelError(f"{where}/config.json: transformers cannot build a model from it ({exc})",
+                             hint="check model_type in config.json", exit_code=EXIT_USAGE) from None
         raise ModelError(f"cannot load the model in {where}: {exc}") from None
-    except OSError as exc:
-        raise ModelError(f"cannot load the model in {where}: {exc}") from None
+    except (OSError, RuntimeError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the model in {where}: {text}",
+                         hint="check that the weights are complete and match config.json") from None
+    except (TypeError, KeyError, AttributeError, IndexError, OverflowError, ZeroDivisionError) as exc:
+        raise ModelError(f"{where}/config.json: transformers cannot build a model from it "
+                         f"({type(exc).__name__}: {exc})",
+                         hint="check model_type and the sizes in config.json", exit_code=EXIT_USAGE) from None
 
 
 def _load_model_dir(path: Path, tokenizer: Optional[Path], allow_pickle: bool, trust_remote_code: bool) -> LoadedSource:
     config = _read_json(path / "config.json")
+    check_with_transformers(config, path / "config.json")
     if config.get("quantization_config"):
         raise ModelError(
-            f"{path} holds quantized weights ({config['quantization_config'].get('quant_method', '?')})",
+            f"{path} holds quantized weights ({_quant_method(config['quantization_config'])})",
             hint="export the unquantized model (merge QLoRA adapters into the full-precision base)",
         )
     safe = check_weight_files(path, allow_pickle)
@@ -162,6 +193,10 @@ def _load_model_dir(path: Path, tokenizer: Optional[Path], allow_pickle: bool, t
         model, name=path.resolve().name, source=str(path), tokenizer_dir=tok_dir, training=_training_info(path)
     )
     return LoadedSource(path, "model-dir", weights, model, is_causal_lm(weights.config or {}), tok_dir)
+
+
+def _quant_method(q: Any) -> str:
+    return str(q.get("quant_method", "?")) if isinstance(q, dict) else str(q)
 
 
 def _load_adapter(
@@ -178,6 +213,7 @@ def _load_adapter(
     base_dir = Path(base_ref) if Path(base_ref).is_dir() else None
     if base_dir is not None:
         base_config = _read_json(base_dir / "config.json")
+        check_with_transformers(base_config, base_dir / "config.json")
         safe_base = check_weight_files(base_dir, allow_pickle)
     else:
         # a Hub id: transformers resolves it (cache or download); the adapter says what task it is

@@ -17,10 +17,11 @@ import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from entrenar_cli.errors import DataError, HubError
+from entrenar_cli.errors import DataError, HubError, UsageError
 from entrenar_cli.hub import _env
 from entrenar_cli.hub.models import FileEntry, cached_commit, list_local_files
 from entrenar_cli.hub.verify import evict, verify_parquet
@@ -32,21 +33,75 @@ CONVERTED_REVISION = "refs/convert/parquet"
 _SHARD_SUFFIX = re.compile(r"^(.*?)(?:-\d+(?:-of-\d+)?)?$")
 
 
+def _split_name(value: Any) -> str:
+    name = value.value if isinstance(value, Enum) else value
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"a dataset split is a name such as 'train' (got {value!r})")
+    return name
+
+
+class _SplitName(str):
+    """A split's name that, called, returns its options with another split (the builder form)."""
+
+    _owner: DatasetOptions
+
+    def __call__(self, split: Any) -> DatasetOptions:
+        return dataclasses.replace(self._owner, split=split)
+
+
+class _SplitField:
+    """``options.split`` reads as the split's name (a str) and, called, gives a copy with another split:
+    the Hub fetcher reads the field, the design document's builder calls ``.split(Split.Eval)``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attr = f"_{name}_value"
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return "train"  # the dataclass default
+        name = _SplitName(obj.__dict__.get(self._attr, "train"))
+        name._owner = obj
+        return name
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self._attr] = _split_name(value)
+
+
 @dataclass(frozen=True)
 class DatasetOptions:
-    """Which split to fetch and where. ``config=None`` takes ``default`` (or the only config)."""
+    """Options for reading a dataset: the one class behind ``entrenar_cli.hub.DatasetOptions`` (which
+    Hub split to fetch, and where) and ``entrenar_cli.data.DatasetOptions`` (the design document's
+    ``Dataset.from_path`` builder: ``DatasetOptions().split(Split.Train).streaming(True).max_length(32)``).
 
-    split: str = "train"
+    ``config=None`` takes ``default`` (or the only config). ``split`` "train" is the training
+    blocks for ``Dataset.from_path``, any other name its held-out blocks. ``block_length`` and
+    ``eval_fraction`` left at None take the YAML's defaults (``dataset.max_length``,
+    ``dataset.eval_fraction``), so there is one set of defaults. Builder calls return a copy.
+    """
+
+    split: str = _SplitField()  # type: ignore[assignment]
     config: str | None = None
     revision: str | None = None
     cache_dir: Path | None = None
     local_dir: Path | None = None
+    stream: bool = True
+    block_length: int | None = None
+    eval_fraction: float | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("cache_dir", "local_dir"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value).expanduser())
+
+    def streaming(self, on: bool) -> DatasetOptions:
+        """A copy that streams (or not); blocks are always read from the on-disk token cache."""
+        return dataclasses.replace(self, stream=bool(on))
+
+    def max_length(self, n: int) -> DatasetOptions:
+        """A copy with ``n`` tokens per block."""
+        return dataclasses.replace(self, block_length=int(n))
 
 
 @dataclass(frozen=True)
