@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from entrenar_cli.fsutil import atomic_dir
+from entrenar_cli.fsutil import atomic_dir, record_written
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -77,6 +77,7 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune to the newest ``keep``."""
     target = checkpoint_root(output_dir) / f"step-{step:06d}"
+    record_written(output_dir, target.parent.name)
     if target.parent.is_dir():
         for stale in target.parent.glob(".step-*"):  # leftovers of a write or prune killed midway
             shutil.rmtree(stale, ignore_errors=True)

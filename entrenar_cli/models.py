@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -520,11 +521,13 @@ def plain_model(model: nn.Module) -> nn.Module:
     return merged
 
 
-def save_model_files(model: nn.Module, tokenizer: Any, directory: Path, *, dtype: torch.dtype = torch.float32) -> None:
+def save_model_files(model: nn.Module, tokenizer: Any, directory: Path, *, dtype: torch.dtype = torch.float32,
+                     before_rename: Callable[[list[str]], None] | None = None) -> None:
     """Write a model into an existing directory (beside metrics and checkpoints), file by file.
 
     Each file is renamed into place; ``config.json`` goes last, so a directory whose config.json
-    exists holds complete weights.
+    exists holds complete weights. ``before_rename(names)`` runs before the first rename (the run
+    list records them), and the files get the umask's permissions, not the writers' 0600.
     """
     import os
     import tempfile
@@ -539,6 +542,12 @@ def save_model_files(model: nn.Module, tokenizer: Any, directory: Path, *, dtype
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+        from entrenar_cli.fsutil import honour_umask
+
+        for name in names:
+            honour_umask(tmp / name)
+        if before_rename is not None:
+            before_rename(names)
         for name in names:
             os.replace(tmp / name, directory / name)
     finally:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,9 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from entrenar_cli.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from entrenar_cli.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from entrenar_cli.data import BlockDataset, DistillationCollator, epoch_order
 from entrenar_cli.errors import TrainingError
+from entrenar_cli.signals import STOP, pause_for_tests
 from entrenar_cli.precision import precision_dtype, resolve_precision  # noqa: F401 - re-exported
 
 
@@ -161,7 +161,7 @@ class Engine:
         self.state = TrainState()
         options.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = options.output_dir / "metrics.jsonl"
-        self._stop_signal: int | None = None
+        self.resumed_checkpoint: Path | None = None
         self._eval_cache: list[dict[str, Tensor]] | None = None
 
     # ---- plan -----------------------------------------------------------------------------
@@ -313,6 +313,7 @@ class Engine:
         if ckpt is None:
             return False
         trainable, opt_state, rng, state = load_checkpoint(ckpt)
+        self.resumed_checkpoint = ckpt
         current = self.trainable_state()
         if set(trainable) != set(current):
             raise TrainingError(f"{ckpt} does not match this run's trainable parameters",
@@ -341,19 +342,28 @@ class Engine:
             fh.write(json.dumps(record) + "\n")
 
     def train(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Run until ``total_steps``; returns {status, steps, tokens, elapsed_s, tokens_per_s, eval}."""
+        """Run until ``total_steps``; returns {status, steps, tokens, elapsed_s, tokens_per_s, eval}.
+
+        SIGINT/SIGTERM only set :data:`~entrenar_cli.signals.STOP` from the first step through the
+        final evaluation (the pipelines keep it on until the final model is saved): the current step
+        finishes and a checkpoint is written, and a second signal cannot break that write.
+        """
+        with STOP:
+            return self._train(on_log)
+
+    def _resume_and_say(self) -> int | None:
+        """--resume: load the newest checkpoint and say where the run continues."""
+        from entrenar_cli.console import info
+
+        if not self.resume():
+            info(f"--resume: no checkpoint in {checkpoint_root(self.opts.output_dir)}; starting at step 0")
+            return None
+        info(f"resumed from step {self.state.step} of {self.total_steps}, checkpoint {self.resumed_checkpoint}")
+        return self.state.step
+
+    def _train(self, on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
         s = self.s
-        if self.opts.resume and self.resume():
-            resumed_from = self.state.step
-        else:
-            resumed_from = None
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def _stop(signum: int, _frame: Any) -> None:
-            self._stop_signal = signum
-
-        for sig in previous:
-            signal.signal(sig, _stop)
+        resumed_from = self._resume_and_say() if self.opts.resume else None
         last_eval: dict[str, float] = {}
         t_start = time.perf_counter() - self.state.elapsed_s
         window_t, window_tokens = time.perf_counter(), 0
@@ -362,7 +372,7 @@ class Engine:
         progress = _Progress(self.total_steps, enabled=self.opts.progress and self.is_main, start=self.state.step)
         try:
             while self.state.step < self.total_steps:
-                if self._stop_signal is not None:
+                if STOP.signal is not None:
                     status = "interrupted"
                     break
                 logged = self._run_step()
@@ -425,10 +435,9 @@ class Engine:
                     self.save_checkpoint()
         finally:
             progress.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.state.elapsed_s = time.perf_counter() - t_start
             if status == "interrupted" and self.state.step > 0:
+                pause_for_tests("the interrupt checkpoint")
                 self.save_checkpoint()  # so that --resume continues exactly here
         if status == "completed":
             last_eval = self._eval_and_log()
@@ -436,7 +445,7 @@ class Engine:
         run_tokens = self.state.tokens
         return {
             "status": status,
-            "signal": self._stop_signal,
+            "signal": STOP.signal,
             "steps": self.state.step,
             "total_steps": self.total_steps,
             "resumed_from": resumed_from,

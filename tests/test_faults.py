@@ -57,10 +57,18 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_llama: Path, 
     assert 3 <= stopped_at < steps
 
     proc = _entrenar("distill", str(cfg), "--quiet", "--resume")
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    code = proc.wait(timeout=600)
+    err = " ".join(proc.stderr.read().split())
+    assert code == 0, err[-2000:]
+    assert f"resumed from step {stopped_at} of {steps}, checkpoint {ckpts[-1]}" in err, err[-2000:]
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    # the metrics before training, measured by the interrupted run, survive the resume
+    before = json.loads((tmp_path / "a" / "summary.json").read_text())["student_before"]
+    kept = json.loads((out / "summary.json").read_text())["student_before"]
+    assert before["perplexity"] > 1 and kept.keys() == before.keys()
+    assert kept == pytest.approx(before, rel=1e-5)
 
 
 def _latest_step(out: Path) -> int:
@@ -171,3 +179,92 @@ def test_not_enough_disk_space_is_refused_before_training(tmp_path: Path, monkey
     with pytest.raises(EntrenarError, match="not enough disk space.*5.00 MiB free"):
         check_free_space(tmp_path, 2**30)
     check_free_space(tmp_path, 2**20)
+
+
+class _Stderr:
+    """Collects a child's stderr on a thread, so a test can wait for a line while the child runs."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import threading
+
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} never appeared:\n" + "".join(self.lines)[-3000:])
+
+    def text(self) -> str:
+        self._thread.join(timeout=60)
+        return "".join(self.lines)
+
+
+def _entrenar_paused(*args: str) -> subprocess.Popen[str]:
+    """entrenar with the test-only pause before the final save and before an interrupt checkpoint."""
+    import os
+
+    env = {**os.environ, "ENTRENAR_TEST_PAUSE_BEFORE_SAVE": "3"}
+    return subprocess.Popen([sys.executable, "-m", "entrenar_cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_sigterm_after_the_last_step_still_saves_the_model(tiny_llama: Path, stdlib_text: Path,
+                                                            tmp_path: Path) -> None:
+    """The window that used to lose a finished run: after the final evaluation, before the model is on disk."""
+    cfg, out = tmp_path / "t.yaml", tmp_path / "t"
+    cfg.write_text(_yaml(tiny_llama, stdlib_text, out, 4))
+    proc = _entrenar_paused("distill", str(cfg), "--quiet")
+    err = _Stderr(proc)
+    err.wait_for("test pause before the final save")
+    assert not (out / "model.safetensors").exists()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=300)
+    text = " ".join(err.text().split())
+    assert code == 0, text[-2000:]
+    assert "SIGTERM received after the last training step: the model and summary were saved anyway" in text, text
+    assert "Traceback" not in text
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights and (out / "config.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 4
+
+
+def test_repeated_ctrl_c_still_writes_the_checkpoint(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    """Ctrl-C, then Ctrl-C three more times while the interrupt checkpoint is being written."""
+    cfg, out = tmp_path / "c.yaml", tmp_path / "c"
+    cfg.write_text(_yaml(tiny_llama, stdlib_text, out, 200))
+    proc = _entrenar_paused("distill", str(cfg), "--quiet")
+    err = _Stderr(proc)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and sum('"train"' in l for l in metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    err.wait_for("test pause before the interrupt checkpoint")
+    for _ in range(3):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    code = proc.wait(timeout=300)
+    text = err.text()
+    assert code == 1, text[-2000:]
+    assert "interrupted at step" in text and "--resume" in text, text[-2000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    from entrenar_cli.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None
+    trainable, _, _, state = load_checkpoint(ckpt)
+    assert trainable and 2 <= state["step"] < 200
+    assert f"interrupted at step {state['step']} of 98:" in " ".join(text.split())  # 392 blocks / batch 4

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from entrenar_cli.commands.options import SetOption
 
 ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in output.dir.")]
-OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Delete what is in output.dir and start again.")]
+OverwriteOption = Annotated[bool, typer.Option(
+    "--overwrite", help="Delete what an earlier run wrote in output.dir (nothing else) and start again.")]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Load models and data, print the plan, train nothing.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (metrics still go to metrics.jsonl).")]
 
@@ -34,7 +36,8 @@ def distill(
     from entrenar_cli.pipeline.distill import run
 
     cfg = DistillationYamlConfig.from_file(str(config), set_ or [])
-    run(cfg, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run, baseline=baseline, progress=not quiet))
+    _run_to_the_end(run, cfg, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run, baseline=baseline,
+                                         progress=not quiet, config_path=config))
 
 
 def finetune(
@@ -54,7 +57,21 @@ def finetune(
     from entrenar_cli.pipeline.finetune import run
 
     cfg = FineTuneYamlConfig.from_file(str(config), set_ or [])
-    run(cfg, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run, progress=not quiet))
+    _run_to_the_end(run, cfg, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run, progress=not quiet,
+                                         config_path=config))
+
+
+def _run_to_the_end(run: Callable[[Any, Any], Any], cfg: Any, opts: Any) -> None:
+    """Run a pipeline; once a SIGINT/SIGTERM has stopped it, further ones are ignored while the process
+    exits, so repeated Ctrl-C cannot end in a traceback from an atexit handler."""
+    from entrenar_cli.signals import STOP
+
+    seen = STOP.total
+    try:
+        run(cfg, opts)
+    finally:
+        if STOP.total != seen:
+            STOP.ignore_from_now()
 
 
 def register(app: typer.Typer) -> None:

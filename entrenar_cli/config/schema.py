@@ -368,6 +368,16 @@ class OutputSettings(Section):
     merge: bool = Field(True, description="With LoRA: also save the adapter merged into a full model.")
     save_total_limit: int = Field(2, gt=0, le=MAX_STEPS, description="Checkpoints kept on disk.")
 
+    @field_validator("dir")
+    @classmethod
+    def _usable_dir(cls, v: str) -> str:
+        # '~' expands like every other path; an empty dir would mean the working directory
+        if not v.strip():
+            raise ValueError("must not be empty: give a directory of its own, e.g. runs/my-run")
+        import os.path
+
+        return os.path.expanduser(v)
+
 
 class DistillationYamlConfig(Section):
     """A distillation run: `entrenar distill distill.yaml`."""

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from entrenar_cli.errors import ConfigError, UsageError
-from entrenar_cli.fsutil import human_bytes, write_json_atomic, write_text_atomic
+from entrenar_cli.fsutil import (
+    LOCK_FILE,
+    RUN_LIST,
+    human_bytes,
+    read_run_list,
+    record_written,
+    update_run_list,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 # files a run writes into its output directory (anything else there is the user's)
 RUN_FILES = ("metrics.jsonl", "summary.json", "resolved_config.yaml", "report.html", "loss_curves.png")
@@ -26,6 +39,7 @@ class RunOptions:
     dry_run: bool = False
     baseline: bool = False
     progress: bool = True
+    config_path: Path | None = None  # the YAML file: the output directory must not hold it
 
 
 _LOCKS: dict[str, Any] = {}
@@ -41,8 +55,10 @@ def lock_output_dir(out: Path) -> None:
     key = str(out.resolve())
     if key in _LOCKS:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    fh = open(out / ".entrenar.lock", "a+")
+    try:
+        fh = open(out / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise _unusable_dir(out, exc) from None
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -58,42 +74,270 @@ def lock_output_dir(out: Path) -> None:
     _LOCKS[key] = fh
 
 
-def prepare_output_dir(out: Path, opts: RunOptions, inputs: list[Path] = ()) -> None:
-    """Create and lock the output directory; refuse to mix runs unless --resume or --overwrite."""
-    resolved = out.resolve()
-    for src in inputs:
-        try:
-            if src.is_dir() and (resolved == src.resolve() or src.resolve() in resolved.parents):
-                raise ConfigError(f"output.dir {out} is inside the input model directory {src}",
-                                  hint="write outputs somewhere else: the input would be modified")
-        except OSError:
+@dataclass
+class InputPath:
+    """A path a run reads: the output directory must neither hold it nor sit inside it."""
+
+    what: str  # "the dataset directory", "the input model directory", "the config file"
+    setting: str  # the YAML key (or "config") that names it
+    path: Path  # resolved
+    # a glob without '**' matches files exactly this many levels below ``path``; None: any depth
+    depth: int | None = None
+
+
+def _glob_root(pattern: str) -> tuple[Path, int | None]:
+    """The non-glob root of a dataset path and how deep below it files match (None: any depth)."""
+    import glob as globmod
+
+    from entrenar_cli.data import expand_path
+
+    parts = Path(expand_path(pattern)).parts
+    for i, part in enumerate(parts):
+        if globmod.has_magic(part):
+            rest = parts[i:]
+            return Path(*parts[:i]) if i else Path("."), None if any("**" in r for r in rest) else len(rest)
+    return Path(*parts) if parts else Path("."), None
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError):
+        return path.expanduser().absolute()
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # unreadable: the loader reports it with its own message
+        return False
+
+
+def run_inputs(cfg: Any, config_path: Path | None = None) -> list[InputPath]:
+    """Every local path a distill/finetune config reads: models, dataset, the config file itself."""
+    found: list[InputPath] = []
+    for setting in ("teacher", "student", "model"):
+        src = getattr(cfg, setting, None)
+        model_id = getattr(src, "model_id", None)
+        if not model_id:
             continue
+        if model_id.startswith("pkg:"):
+            try:
+                from entrenar_cli.models import package_path
+
+                path = package_path(model_id)
+            except Exception:  # noqa: BLE001 - setup reports a missing package with its own message
+                continue
+        else:
+            path = Path(model_id).expanduser()
+        if _exists(path):
+            found.append(InputPath("the input model directory" if path.is_dir() else "the input model file",
+                                   f"{setting}.model_id", _resolve(path)))
+    ds_path = getattr(getattr(cfg, "dataset", None), "path", None)
+    if ds_path:
+        root, depth = _glob_root(str(ds_path))
+        if _exists(root) and root.is_file():
+            found.append(InputPath("the dataset file", "dataset.path", _resolve(root)))
+        else:
+            found.append(InputPath("the dataset directory", "dataset.path", _resolve(root), depth))
+    if config_path is not None:
+        found.append(InputPath("the config file", "config", _resolve(config_path)))
+    return found
+
+
+def _check_location(out: Path, inputs: Sequence[InputPath | Path]) -> None:
+    """Refuse an output directory whose writes (and --overwrite) could touch the user's files or inputs."""
+    if not str(out).strip():
+        raise ConfigError("output.dir is empty", hint="set output.dir to a directory of its own, e.g. runs/my-run")
+    resolved = _resolve(out)
+    hint = "set output.dir to a directory of its own, e.g. runs/my-run"
+    if resolved == Path(resolved.anchor):
+        raise ConfigError(f"output.dir {out} is the filesystem root", hint=hint)
+    for place, what in ((_resolve(Path.home()), "your home directory"),
+                        (_resolve(Path.cwd()), "the current working directory")):
+        if resolved == place:
+            raise ConfigError(f"output.dir {out} is {what} ({place})", hint=hint)
+        if place.is_relative_to(resolved):
+            raise ConfigError(f"output.dir {out} contains {what} ({place})", hint=hint)
+    for item in inputs:
+        src = item if isinstance(item, InputPath) else InputPath("the input model directory", "model_id",
+                                                                 _resolve(Path(item)))
+        where = f"{src.path} ({src.setting})" if src.setting != "config" else str(src.path)
+        if resolved == src.path:
+            raise ConfigError(f"output.dir {out} is {src.what} {where}",
+                              hint="write outputs somewhere else: the input would be modified")
+        if src.path.is_relative_to(resolved):
+            raise ConfigError(f"output.dir {out} contains {src.what} {where}",
+                              hint="move the output directory out of the way of the inputs: --overwrite and the "
+                              "run's own writes must never reach them")
+        if resolved.is_relative_to(src.path) and src.what not in ("the input model file", "the dataset file",
+                                                                  "the config file"):
+            if src.depth is not None and len(resolved.relative_to(src.path).parts) >= src.depth:
+                continue  # a glob like data/*.txt never reaches files of data/runs/x/
+            consequence = ("a later run would read this run's outputs as training data"
+                           if "dataset" in src.what else "the input would be modified")
+            raise ConfigError(f"output.dir {out} is inside {src.what} {where}",
+                              hint=f"write outputs somewhere else: {consequence}")
+
+
+def _unusable_dir(out: Path, exc: OSError) -> UsageError:
+    """An output directory the OS refuses (permissions, read-only mount, a file in the way)."""
+    import errno
+
+    reason = exc.strerror or str(exc)
+    what = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable (permission denied)",
+            errno.EPERM: "is not writable (operation not permitted)",
+            errno.ENOTDIR: "cannot be created: a file is in the way"}.get(exc.errno or 0, f"cannot be used: {reason}")
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(out) else ""
+    return UsageError(f"output directory {out} {what}{where}",
+                      hint="choose another output.dir, or fix its permissions or mount")
+
+
+# temporaries of entrenar's atomic writes: .NAME.XXXXXXXX.tmp, .NAME.old-PID, .model-XXXXXXXX.tmp, the probe
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?:[a-z0-9_]{8}\.tmp|old-\d+)$")
+
+
+def _is_ours(name: str, listed: set[str]) -> bool:
+    if name in listed or name in (LOCK_FILE, RUN_LIST) or name.startswith(_PROBE):
+        return True
+    if name.startswith(".model-") and name.endswith(".tmp"):
+        return True
+    m = _TEMP.match(name)
+    return bool(m and (m["name"] in listed or m["name"] == RUN_LIST))
+
+
+def _names(out: Path, names: list[str]) -> str:
+    shown = ", ".join(str(out / n) for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _remove_earlier_run(out: Path, existing: list[str]) -> None:
+    """--overwrite: delete what the run list names; anything else in the way is the user's: refuse."""
+    data = read_run_list(out)
+    if data is None:
+        raise UsageError(
+            f"output directory {out} is not empty and holds no record of an entrenar run ({RUN_LIST}): "
+            f"{_names(out, existing)}",
+            hint="--overwrite deletes only what an earlier entrenar run wrote; move these files away, "
+                 "or choose another output.dir",
+        )
+    listed = {Path(n).parts[0] for n in data["written"] if n and not Path(n).is_absolute() and ".." not in Path(n).parts}
+    foreign = [n for n in existing if not _is_ours(n, listed)]
+    if foreign:
+        raise UsageError(
+            f"output directory {out} holds {_names(out, foreign)}, which entrenar did not write",
+            hint="--overwrite deletes only what an earlier entrenar run wrote (listed in "
+                 f"{out / RUN_LIST}); move these files away, or choose another output.dir",
+        )
+    for name in existing:
+        path = out / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise UsageError(f"--overwrite could not remove {path}: {exc.strerror or exc}",
+                             hint="fix its permissions, or choose another output.dir") from None
+
+
+_PROBE = ".entrenar-probe-"
+
+
+def prepare_output_dir(out: Path, opts: RunOptions, inputs: Sequence[InputPath | Path] = ()) -> None:
+    """Check, create and lock the output directory; refuse to mix runs unless --resume or --overwrite.
+
+    The order matters: where it is (never the working directory, home, ``/``, or overlapping an
+    input), then whether the OS lets us write there, then the lock, then what is already inside.
+    ``inputs``: :func:`run_inputs` (a bare Path counts as an input model directory).
+    """
+    import tempfile
+
+    _check_location(out, inputs)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.dir {out} exists and is not a directory")
-    if out.is_dir() and not opts.dry_run:
-        lock_output_dir(out)
-    if out.is_dir() and any(p.name != ".entrenar.lock" for p in out.iterdir()) and not opts.dry_run:
-        if opts.overwrite:
-            for name in os.listdir(out):
-                if name == ".entrenar.lock":
-                    continue
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        elif not opts.resume:
+        raise ConfigError(f"output.dir {out} exists and is not a directory",
+                          hint="set output.dir to a directory of its own, e.g. runs/my-run")
+    if opts.dry_run:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_PROBE, dir=out)  # writability first, then the lock
+        os.close(fd)
+        os.unlink(probe)
+        existing = sorted(os.listdir(out))
+    except OSError as exc:
+        raise _unusable_dir(out, exc) from None
+    lock_output_dir(out)
+    existing = [n for n in existing if n not in (LOCK_FILE, RUN_LIST)]
+    if existing and not opts.resume:
+        if not opts.overwrite:
             raise UsageError(
                 f"output directory {out} is not empty",
-                hint="pass --resume to continue the run there, --overwrite to start again, or set output.dir",
+                hint="pass --resume to continue the run there, --overwrite to start again (it deletes only what "
+                     "an earlier entrenar run wrote), or set output.dir",
             )
-    if not opts.dry_run:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock_output_dir(out)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise UsageError(f"output directory {out} is not writable: {exc.strerror or exc}",
-                             hint="choose another output.dir or fix its permissions") from None
+        _remove_earlier_run(out, existing)
+    try:
+        if opts.resume and read_run_list(out) is not None:
+            return
+        # from here on the directory has a list of what this run writes (a fresh one after --overwrite)
+        write_json_atomic(out / RUN_LIST, {"version": 1, "written": [], "created": time.time()})
+    except OSError as exc:
+        raise _unusable_dir(out, exc) from None
+
+
+def interrupted_error(result: dict[str, Any], out: Path, command: str) -> Exception:
+    """The exit-1 error of a run stopped by SIGINT/SIGTERM: where it stopped and how to continue."""
+    from entrenar_cli.errors import TrainingError
+
+    if result["steps"] == 0:
+        return TrainingError(f"interrupted before the first optimizer step of {result['total_steps']}: nothing to save",
+                             hint=f"start again with: entrenar {command} CONFIG --overwrite")
+    return TrainingError(f"interrupted at step {result['steps']} of {result['total_steps']}: checkpoint saved in "
+                         f"{out / 'checkpoints'}", hint=f"continue with: entrenar {command} CONFIG --resume")
+
+
+def after_stop_signal(out: Path, *, skipped: str | None = None) -> None:
+    """A signal came after the last optimizer step, and the model and summary were saved regardless.
+
+    Nothing the user asked for is lost, so this is a normal end (exit 0) with a note; when something
+    requested after the model (the ``--baseline`` run) was not done, it is an exit-1 error instead.
+    """
+    from entrenar_cli.console import warn
+    from entrenar_cli.errors import TrainingError
+    from entrenar_cli.signals import STOP
+
+    if skipped:
+        raise TrainingError(f"{STOP.name} received after training: the model is saved in {out}, but {skipped}",
+                            hint="rerun with --overwrite to get the comparison")
+    warn(f"{STOP.name} received after the last training step: the model and summary were saved anyway in {out}; "
+         f"the final report was skipped (entrenar report {out} writes it)")
+
+
+def store_student_before(out: Path, before: dict[str, Any]) -> None:
+    """Keep the student's metrics before training with the run, so a --resumed run still reports them."""
+    update_run_list(out, student_before=before)
+
+
+def stored_student_before(out: Path) -> dict[str, Any] | None:
+    data = read_run_list(out)
+    value = data.get("student_before") if data else None
+    return value if isinstance(value, dict) else None
+
+
+def disk_bytes_needed(parameters: int, trainable: int, keep_checkpoints: int, *, full_model: bool = True,
+                      adapter: bool = False) -> int:
+    """What a run writes at its peak, for the free-space check before training.
+
+    ``keep_checkpoints + 1`` checkpoints (a new one is complete before the oldest is pruned), each
+    the trainable weights and AdamW's two moments in fp32 (12 bytes per trainable parameter); the
+    final model in fp32 (full or merged) and the adapter; 16 MiB for metrics, tokenizer and report.
+    """
+    checkpoint = trainable * 12
+    final = (parameters * 4 if full_model else 0) + (trainable * 4 if adapter else 0)
+    return int(checkpoint * (keep_checkpoints + 1) + final + 16 * 2**20)
 
 
 def check_free_space(out: Path, needed_bytes: int) -> None:
@@ -112,13 +356,54 @@ def check_free_space(out: Path, needed_bytes: int) -> None:
         )
 
 
+# errors that can only come from writing: disk full, quota, file-size limit (ulimit -f), read-only
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _write_errno(exc: BaseException) -> int | None:
+    if isinstance(exc, OSError):
+        return exc.errno
+    if type(exc).__name__ == "SafetensorError":  # safetensors' writer reports the OS error as text
+        m = re.search(r"(?:os error |code: )(\d+)", str(exc))  # "... (os error 28)" or "Os { code: 28, ..."
+        return int(m.group(1)) if m else None
+    return None
+
+
+@contextlib.contextmanager
+def output_write_errors(out: Path) -> Iterator[None]:
+    """Disk full (or a quota, a file-size limit, a read-only remount) while saving: one message naming
+    the file and what is kept, exit 1, instead of a traceback."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a write failure
+        code = _write_errno(exc)
+        filename = getattr(exc, "filename", None)
+        under_out = bool(filename) and _resolve(Path(str(filename))).is_relative_to(_resolve(out))
+        if code not in _WRITE_ERRNOS and not (code in (errno.EACCES, errno.EPERM) and under_out):
+            raise
+        from entrenar_cli.checkpoint import latest_checkpoint
+        from entrenar_cli.errors import EntrenarError
+
+        reason = os.strerror(code) if code else str(exc)
+        kept = latest_checkpoint(out)
+        raise EntrenarError(
+            f"could not write {filename or out}: {reason}",
+            hint=("free disk space (or raise the file-size limit, ulimit -f) and continue with --resume: the last "
+                  f"complete checkpoint is {kept}" if kept else
+                  "free disk space (or raise the file-size limit, ulimit -f), or choose another output.dir; "
+                  "no checkpoint was completed"),
+        ) from None
+
+
 def write_resolved_config(out: Path, cfg: Any) -> None:
     import yaml
 
+    record_written(out, "resolved_config.yaml")
     write_text_atomic(out / "resolved_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def log_event(out: Path, record: dict[str, Any]) -> None:
+    record_written(out, "metrics.jsonl")
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=str) + "\n")
 
@@ -128,6 +413,7 @@ def start_event(out: Path, run: str, cfg: Any) -> None:
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    record_written(out, "summary.json")
     write_json_atomic(out / "summary.json", summary)
 
 

@@ -17,11 +17,19 @@ from entrenar_cli.console import info, warn
 from entrenar_cli.errors import ConfigError
 from entrenar_cli.pipeline.common import (
     RunOptions,
+    after_stop_signal,
     check_free_space,
     dir_size,
+    disk_bytes_needed,
+    interrupted_error,
+    output_write_errors,
     prepare_output_dir,
+    record_written,
     refresh_report,
+    run_inputs,
     start_event,
+    store_student_before,
+    stored_student_before,
     write_resolved_config,
     write_summary,
 )
@@ -362,11 +370,12 @@ def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:
     """Distill; returns the summary (also written to summary.json)."""
     from entrenar_cli.console import is_main_process
 
+    from entrenar_cli.signals import STOP
+
     out = Path(cfg.output.dir)
-    inputs = [Path(p) for p in (cfg.teacher.model_id, cfg.student.model_id or "") if p and Path(p).exists()]
     main = is_main_process()
     if main:  # under torchrun only rank 0 owns the output directory
-        prepare_output_dir(out, opts, inputs)
+        prepare_output_dir(out, opts, run_inputs(cfg, opts.config_path))
     from entrenar_cli.data import check_dataset_settings
 
     if cfg.dataset.path is not None:
@@ -378,15 +387,26 @@ def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:
     if opts.dry_run:
         return {"dry_run": True, "plan": p}
     if main:
-        check_free_space(out, int(p["student"]["parameters"] * 4 * (cfg.output.save_total_limit * 3 + 1)))
+        lora = cfg.student.lora is not None
+        check_free_space(out, disk_bytes_needed(p["student"]["parameters"], p["student"]["trainable_parameters"],
+                                                cfg.output.save_total_limit, full_model=not lora or cfg.output.merge,
+                                                adapter=lora))
     baseline_init = copy.deepcopy(su.student) if opts.baseline else None
-    summary = train_and_save(su, out, opts, p)
-    if not main:
-        return summary
-    if baseline_init is not None:
-        summary["baseline"] = run_baseline(su, baseline_init, out / "baseline", opts, p)
-        write_summary(out, summary)
-        _print_verdict(summary)
+    # from the first step until the model is saved, SIGINT/SIGTERM stop at a safe point
+    with STOP, output_write_errors(out):
+        summary = train_and_save(su, out, opts, p)
+        if not main:
+            return summary
+        if baseline_init is not None and STOP.signal is None:
+            record_written(out, "baseline")
+            summary["baseline"] = run_baseline(su, baseline_init, out / "baseline", opts, p)
+            write_summary(out, summary)
+            _print_verdict(summary)
+        if STOP.signal is not None:
+            after_stop_signal(out, skipped=None if baseline_init is None else
+                              ("the CE-only baseline was interrupted" if "baseline" in summary
+                               else "the CE-only baseline was not run"))
+            return summary
     report = refresh_report(out)
     if report:
         info(f"report: {report}")
@@ -399,11 +419,16 @@ def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, A
 
     from entrenar_cli.console import is_main_process
 
+    from entrenar_cli.signals import pause_for_tests
+
     cfg = su.cfg
-    if is_main_process():
+    main = is_main_process()
+    if main:
         write_resolved_config(out, cfg)
+        record_written(out, "metrics.jsonl")
         if not (opts.resume and (out / "metrics.jsonl").exists()):
             start_event(out, "distill", cfg)
+        _record_cache_dir(su, out)
     cache = open_teacher_cache(su, out)
     objective = build_objective(su, cache)
     engine = Engine(cfg.training, su.student, objective, su.train_blocks, su.eval_blocks,
@@ -411,11 +436,14 @@ def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, A
                                   keep_checkpoints=cfg.output.save_total_limit,
                                   on_eval=lambda r: _on_eval(out, r)),
                     pad_token_id=su.tokenizer.pad_token_id or 0)
-    before = None
-    if not (opts.resume and engine.state.step == 0 and _has_checkpoint(out)):
+    if opts.resume and _has_checkpoint(out):
+        before = stored_student_before(out)  # measured by the first run, before its first step
+    else:
         before = engine.evaluate() if len(su.eval_blocks) else {}
         if before:
             info("before training: " + _fmt_eval(before))
+            if main:
+                store_student_before(out, before)
     result = engine.train()
     student = engine.accelerator.unwrap_model(engine.model)
     summary = _summary(su, p, result, before, out)
@@ -425,6 +453,7 @@ def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, A
         info(f"teacher cache: hit rate {100 * cache.hit_rate:.1f}%, {cache.size_bytes / 2**20:.1f} MiB")
     if engine.is_main:
         if result["status"] == "completed":
+            pause_for_tests("the final save")
             save_outputs(student, su, out)
             summary["outputs"] = {"model_dir": str(out)}
             if cfg.student.lora is not None:
@@ -436,11 +465,18 @@ def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, A
         log_event(out, {"event": "end", "time": time.time(), "status": result["status"], "steps": result["steps"]})
         print_summary(summary)
     if result["status"] == "interrupted":
-        from entrenar_cli.errors import TrainingError
-
-        raise TrainingError(f"interrupted at step {result['steps']} of {result['total_steps']}: checkpoint saved in "
-                            f"{out / 'checkpoints'}", hint=f"continue with: entrenar distill CONFIG --resume")
+        raise interrupted_error(result, out, "distill")
     return summary
+
+
+def _record_cache_dir(su: DistillSetup, out: Path) -> None:
+    """A teacher cache inside the output directory is this run's output (--overwrite may remove it)."""
+    settings = su.cfg.distillation.teacher_cache
+    if not settings.enabled:
+        return
+    directory = (Path(settings.dir).expanduser() if settings.dir else out / "teacher-cache").absolute()
+    if directory.is_relative_to(out.absolute()) and directory != out.absolute():
+        record_written(out, directory.relative_to(out.absolute()).parts[0])
 
 
 def _has_checkpoint(out: Path) -> bool:
@@ -468,10 +504,11 @@ def save_outputs(student: Any, su: DistillSetup, out: Path) -> None:
     from entrenar_cli import models
 
     if su.cfg.student.lora is not None:
+        record_written(out, "adapter")
         models.save_adapter_dir(student, out / "adapter")
         if not su.cfg.output.merge:
             return
-    models.save_model_files(student, su.tokenizer, out)
+    models.save_model_files(student, su.tokenizer, out, before_rename=lambda names: record_written(out, *names))
 
 
 def _summary(su: DistillSetup, p: dict[str, Any], result: dict[str, Any], before: dict[str, Any] | None,

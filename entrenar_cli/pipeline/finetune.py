@@ -16,12 +16,20 @@ from entrenar_cli.console import info
 from entrenar_cli.errors import ConfigError, DataError, EntrenarError
 from entrenar_cli.pipeline.common import (
     RunOptions,
+    after_stop_signal,
     check_free_space,
     dir_size,
+    disk_bytes_needed,
+    interrupted_error,
     log_event,
+    output_write_errors,
     prepare_output_dir,
+    record_written,
     refresh_report,
+    run_inputs,
     start_event,
+    store_student_before,
+    stored_student_before,
     write_resolved_config,
     write_summary,
 )
@@ -195,17 +203,14 @@ def _estimate(su: FineTuneSetup) -> int | None:
 
 def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
     from entrenar_cli import models
-    from entrenar_cli.fsutil import human_bytes
-    from entrenar_cli.objectives import LMObjective
-    from entrenar_cli.trainer import Engine, EngineOptions
-
     from entrenar_cli.console import is_main_process
+    from entrenar_cli.fsutil import human_bytes
+    from entrenar_cli.signals import STOP
 
     out = Path(cfg.output.dir)
-    src_path = Path(cfg.model.model_id)
     main = is_main_process()
     if main:  # under torchrun only rank 0 owns the output directory
-        prepare_output_dir(out, opts, [src_path] if src_path.exists() else [])
+        prepare_output_dir(out, opts, run_inputs(cfg, opts.config_path))
     su = setup(cfg)
     total, trainable = models.count_parameters(su.model)
     estimate = _estimate(su)
@@ -217,8 +222,36 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
                 "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
                 "precision": su.precision, "precision_reason": su.precision_reason}
     if main:
-        check_free_space(out, int(total * 4 * 2 + trainable * 12 * cfg.output.save_total_limit))
+        lora = cfg.method != "full"
+        check_free_space(out, disk_bytes_needed(total, trainable, cfg.output.save_total_limit,
+                                                full_model=not lora or cfg.output.merge, adapter=lora))
+    # from the first step until the model is saved, SIGINT/SIGTERM stop at a safe point
+    with STOP, output_write_errors(out):
+        summary = _train_and_save(su, out, opts, total, trainable, estimate)
+        if not main:
+            return summary
+        if STOP.signal is not None:
+            after_stop_signal(out)
+            return summary
+    report = refresh_report(out)
+    if report:
+        info(f"report: {report}")
+    return summary
+
+
+def _train_and_save(su: FineTuneSetup, out: Path, opts: RunOptions, total: int, trainable: int,
+                    estimate: int | None) -> dict[str, Any]:
+    """Train, then save the model and the summary (exit 1 with a checkpoint when interrupted)."""
+    from entrenar_cli.console import is_main_process
+    from entrenar_cli.objectives import LMObjective
+    from entrenar_cli.signals import pause_for_tests
+    from entrenar_cli.trainer import Engine, EngineOptions
+
+    cfg = su.cfg
+    main = is_main_process()
+    if main:
         write_resolved_config(out, cfg)
+        record_written(out, "metrics.jsonl")
         if not (opts.resume and (out / "metrics.jsonl").exists()):
             start_event(out, "finetune", cfg)
     mlm = None
@@ -229,7 +262,14 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
                                   keep_checkpoints=cfg.output.save_total_limit,
                                   on_eval=lambda r: _on_eval(out, r)),
                     pad_token_id=su.tokenizer.pad_token_id or 0)
-    before = engine.evaluate() if len(su.eval_blocks) and engine.state.step == 0 else {}
+    from entrenar_cli.checkpoint import latest_checkpoint
+
+    if opts.resume and latest_checkpoint(out) is not None:
+        before = stored_student_before(out) or {}  # measured by the first run, before its first step
+    else:
+        before = engine.evaluate() if len(su.eval_blocks) else {}
+        if before and main:
+            store_student_before(out, before)
     result = engine.train()
     summary: dict[str, Any] = {
         "run": "finetune", "method": cfg.method,
@@ -245,19 +285,15 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
         return summary
     if result["status"] == "completed":
         model = engine.accelerator.unwrap_model(engine.model)
+        pause_for_tests("the final save")
         summary["outputs"] = save_outputs(model, su, out)
         summary["student"]["size_bytes"] = dir_size(out)
     write_summary(out, summary)
     log_event(out, {"event": "end", "time": time.time(), "status": result["status"], "steps": result["steps"]})
     _print_summary(summary)
-    report = refresh_report(out)
-    if report:
-        info(f"report: {report}")
     if result["status"] == "interrupted":
-        from entrenar_cli.errors import TrainingError
-
-        raise TrainingError(f"interrupted at step {result['steps']} of {result['total_steps']}: checkpoint saved",
-                            hint="continue with: entrenar finetune CONFIG --resume")
+        refresh_report(out)
+        raise interrupted_error(result, out, "finetune")
     return summary
 
 
@@ -267,10 +303,14 @@ def save_outputs(model: Any, su: FineTuneSetup, out: Path) -> dict[str, str]:
 
     from entrenar_cli import models
 
+    def record(names: list[str]) -> None:
+        record_written(out, *names)
+
     if su.cfg.method == "full":
-        models.save_model_files(model, su.tokenizer, out)
+        models.save_model_files(model, su.tokenizer, out, before_rename=record)
         return {"model_dir": str(out)}
     adapter = out / "adapter"
+    record_written(out, adapter.name)
     models.save_adapter_dir(model, adapter)
     su.tokenizer.save_pretrained(adapter)
     outputs = {"adapter_dir": str(adapter)}
@@ -284,7 +324,7 @@ def save_outputs(model: Any, su: FineTuneSetup, out: Path) -> dict[str, str]:
             merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
         else:
             merged = model
-        models.save_model_files(merged, su.tokenizer, out)
+        models.save_model_files(merged, su.tokenizer, out, before_rename=record)
         outputs["model_dir"] = str(out)
     return outputs
 

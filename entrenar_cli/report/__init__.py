@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from entrenar_cli.fsutil import atomic_path
+from entrenar_cli.fsutil import atomic_path, record_written
 from entrenar_cli.report.compare import compare_runs, compare_with_baseline
 from entrenar_cli.report.runlog import RunLog, read_baseline, read_run
 
@@ -94,6 +94,7 @@ def render_report(output_dir: str | Path) -> ReportResult:
 
 def _write(path: Path, data: bytes) -> None:
     """Write atomically, readable by all like any other report file (the temp file is 0600)."""
+    record_written(path.parent, path.name, create=False)  # in a run directory: --overwrite may remove it
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
         tmp.chmod(0o644)
