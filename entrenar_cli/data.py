@@ -494,7 +494,7 @@ class Dataset:
         settings = DatasetSettings(path=path, text_column=text_column,
                                    **{k: v for k, v in sizes.items() if v is not None})
         train, held = load_blocks(settings, tokenizer)
-        return cls(train if options._split == Split.Train else held)
+        return cls(train if options.split == Split.Train.value else held)
 
     def __len__(self) -> int:
         return len(self.blocks)

@@ -353,3 +353,22 @@ class MemoryEstimate:
     def fits_in(self, budget_bytes: int, dtype: str = "fp16") -> bool:
         """Whether the weights alone, stored as ``dtype``, fit in ``budget_bytes``."""
         return self.bytes_for(dtype) <= budget_bytes
+
+
+def describe_architecture(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Model type, layers, widths, parameters and weight memory of a fetched model's config.
+
+    A config the estimator cannot read must not fail a download that worked, so the summary then
+    falls back to what ``config.json`` names directly, with the reason.
+    """
+    if config is None:
+        return None
+    basic = {"model_type": config.get("model_type"), "architectures": config.get("architectures")}
+    try:
+        summary = dict(summarize_config(config))
+    except Exception as exc:  # noqa: BLE001 - any estimator failure degrades to the basic facts
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {**basic, "note": f"no memory estimate: {reason}"}
+    if not summary.get("architecture") and config.get("architectures"):
+        summary["architectures"] = config.get("architectures")
+    return summary

@@ -163,6 +163,11 @@ class Engine:
         self.metrics_path = options.output_dir / "metrics.jsonl"
         self.resumed_checkpoint: Path | None = None
         self._eval_cache: list[dict[str, Tensor]] | None = None
+        self._trackers: Any = None  # entrenar_cli.tracking.Trackers, opened on the first log record
+        if self.is_main and getattr(settings, "report_to", None):
+            from entrenar_cli.tracking import check_available
+
+            check_available(list(settings.report_to))  # before the first step, not at the first log line
 
     # ---- plan -----------------------------------------------------------------------------
 
@@ -334,12 +339,36 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------
 
     def log(self, record: dict[str, Any]) -> None:
+        """Append a record to metrics.jsonl and send it to the configured trackers (rank 0 only)."""
         if not self.is_main:
             return
         import json
 
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        self._tracker_log(record)
+
+    def _tracker_log(self, record: dict[str, Any]) -> None:
+        names = list(getattr(self.s, "report_to", None) or [])
+        if not names:
+            return
+        if self._trackers is None:
+            import yaml
+
+            from entrenar_cli.fsutil import record_written
+            from entrenar_cli.tracking import open_trackers
+
+            record_written(self.opts.output_dir, "trackers")  # this run's output: --overwrite may remove it
+            resolved = self.opts.output_dir / "resolved_config.yaml"
+            config = yaml.safe_load(resolved.read_text(encoding="utf-8")) if resolved.is_file() else {}
+            self._trackers = open_trackers(names, run_name=f"{self.opts.output_dir.name}-{self.opts.run}",
+                                           logging_dir=self.opts.output_dir / "trackers", config=config or {})
+        self._trackers.log(record)
+
+    def finish_trackers(self) -> None:
+        """Close the trackers (end the MLflow/W&B run); safe to call more than once."""
+        if self._trackers is not None:
+            self._trackers.finish()
 
     def train(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Run until ``total_steps``; returns {status, steps, tokens, elapsed_s, tokens_per_s, eval}.
@@ -441,6 +470,7 @@ class Engine:
                 self.save_checkpoint()  # so that --resume continues exactly here
         if status == "completed":
             last_eval = self._eval_and_log()
+        self.finish_trackers()
         elapsed = self.state.elapsed_s
         run_tokens = self.state.tokens
         return {

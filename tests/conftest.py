@@ -31,6 +31,8 @@ def repo() -> Path:
 def _isolated_entrenar_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tokenized-data caches go to a per-session temp dir, never ~/.cache."""
     monkeypatch.setenv("ENTRENAR_CACHE", str(tmp_path_factory.getbasetemp() / "entrenar-cache"))
+    # an estimator failure fails the test instead of becoming a warning and a missing estimate
+    monkeypatch.setenv("ENTRENAR_STRICT_ESTIMATE", "1")
 
 
 def _stdlib_text_dir(root: Path, package: str = "json") -> Path:
@@ -108,6 +110,7 @@ def trained_tiny_llama(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Pat
     cfg.write_text(
         f"model:\n  model_id: {tiny_llama}\nmethod: full\n"
         f"training:\n  max_steps: 60\n  batch_size: 8\n  learning_rate: 3e-3\n  logging_steps: 20\n"
+        "  mixed_precision: fp32\n"  # the same teacher whatever 'auto' picks on this CPU
         f"dataset:\n  path: {stdlib_text}\n  max_length: 64\n  eval_fraction: 0.2\n"
         f"output:\n  dir: {out}\n"
     )

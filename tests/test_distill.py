@@ -109,6 +109,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_equals_straight_run(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
     from entrenar_cli.pipeline.distill import run
+    from entrenar_cli.signals import STOP
 
     straight = tmp_path / "straight"
     pin = {"mixed_precision": "fp32"}  # the tolerances are fp32's ('auto' is bf16 on some CPUs)
@@ -119,7 +120,8 @@ def test_resume_equals_straight_run(tiny_llama: Path, stdlib_text: Path, tmp_pat
     resumed = tmp_path / "resumed"
     cfg = distill_config(tiny_llama, stdlib_text, resumed, max_steps=20, save_steps=10, **pin)
     engine = _engine(cfg)
-    engine.train(on_log=lambda r: setattr(engine, "_stop_signal", signal.SIGTERM) if r["step"] == 10 else None)
+    # what the SIGTERM handler does: set the shared stop flag (entrenar_cli.signals.STOP)
+    engine.train(on_log=lambda r: setattr(STOP, "signal", signal.SIGTERM) if r["step"] == 10 else None)
     assert engine.state.step == 10
     run(cfg, RunOptions(progress=False, resume=True))
 
@@ -291,3 +293,18 @@ def test_lora_student_saves_adapter_and_merged_model(tiny_llama: Path, stdlib_te
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.config.num_hidden_layers == 2
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_estimator_failure_warns_at_run_time_and_raises_in_strict_mode(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from entrenar_cli.pipeline.common import advisory_estimate
+
+    def broken() -> int:
+        raise KeyError("hidden_size")
+
+    with pytest.raises(KeyError):  # the suite runs strict (conftest): a bug cannot hide
+        advisory_estimate(broken)
+    monkeypatch.delenv("ENTRENAR_STRICT_ESTIMATE")
+    assert advisory_estimate(broken) is None
+    assert "no memory estimate: KeyError" in capsys.readouterr().err
+    assert advisory_estimate(lambda: 123) == 123

@@ -45,9 +45,12 @@ def test_lora_trains_adapter_reloads_and_merge_matches(trained_tiny_llama: Path,
     from entrenar_cli.pipeline.finetune import run
 
     out = tmp_path / "lora"
-    summary = run(ft_config(trained_tiny_llama, stdlib_text_other, out, "lora"), RunOptions(progress=False))
+    # fp32 and 30 steps: 15 LoRA steps gain only 0.3-1.3% held-out perplexity here (fp32 or bf16 alike; the
+    # adapter and its optimizer state are fp32 either way), within bf16's noise; 30 steps gain 1.5-2.3%
+    cfg = ft_config(trained_tiny_llama, stdlib_text_other, out, "lora", max_steps=30, mixed_precision="fp32")
+    summary = run(cfg, RunOptions(progress=False))
     # held-out perplexity on the new domain (fixed batches, so not noisy like per-step training loss)
-    assert summary["student"]["perplexity"] < summary["student_before"]["perplexity"], summary
+    assert summary["student"]["perplexity"] < 0.99 * summary["student_before"]["perplexity"], summary
     assert 0 < summary["student"]["trainable_parameters"] < summary["student"]["parameters"] / 5
     assert summary["peak_mem_bytes"] > 0
     ids = torch.tensor([[1, 5, 9, 33, 70, 2]])

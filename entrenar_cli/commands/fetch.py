@@ -120,6 +120,12 @@ def fetch(
             allow_pickle=allow_pickle, patterns=tuple(include or ()),
         ),
     )
+    if artifact.config is not None:
+        import dataclasses
+
+        from entrenar_cli.memory import describe_architecture  # the estimator's summary of config.json
+
+        artifact = dataclasses.replace(artifact, architecture=describe_architecture(artifact.config))
     if json_out:
         out.print_json(data=artifact.to_dict())
     else:

@@ -131,6 +131,7 @@ class ModelArtifact:
     weight_files: tuple[str, ...]
     source: str  # "hub" (downloaded or refreshed), "cache" (offline) or "local"
     architecture: dict[str, Any] | None = None
+    config: dict[str, Any] | None = field(default=None, repr=False)  # config.json as read
     parameters_in_files: int | None = None  # elements counted from the SafeTensors headers
 
     @property
@@ -522,31 +523,17 @@ def _finish(
         files=tuple(entries),
         weight_files=plan.weights,
         source=source,
-        architecture=describe_architecture(config),
+        architecture=basic_architecture(config),
+        config=config,
         parameters_in_files=parameters or None,
     )
 
 
-def describe_architecture(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Model type, layers, widths, parameters and weight memory, from ``entrenar_cli.memory``.
-
-    A config the estimator cannot read must not fail a download that worked, so the summary then
-    falls back to what ``config.json`` names directly.
-    """
+def basic_architecture(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What ``config.json`` names directly; the fetch command adds the estimator's summary."""
     if config is None:
         return None
-    basic = {"model_type": config.get("model_type"), "architectures": config.get("architectures")}
-    try:
-        from entrenar_cli.memory import summarize_config
-    except ImportError:
-        return basic
-    try:
-        summary = dict(summarize_config(config))
-    except Exception as exc:  # noqa: BLE001 - any estimator failure degrades to the basic facts
-        return {**basic, "note": f"no memory estimate: {_env.first_line(exc)}"}
-    if not summary.get("architecture") and config.get("architectures"):
-        summary["architectures"] = config.get("architectures")
-    return summary
+    return {"model_type": config.get("model_type"), "architectures": config.get("architectures")}
 
 
 # -- the other entry points ---------------------------------------------------------------------
@@ -727,7 +714,7 @@ __all__ = [
     "WeightFormat",
     "as_local_path",
     "cached_commit",
-    "describe_architecture",
+    "basic_architecture",
     "fetch_config_json",
     "inspect_local",
     "is_pickle",

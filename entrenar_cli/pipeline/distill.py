@@ -17,6 +17,7 @@ from entrenar_cli.console import info, warn
 from entrenar_cli.errors import ConfigError
 from entrenar_cli.pipeline.common import (
     RunOptions,
+    advisory_estimate,
     after_stop_signal,
     check_free_space,
     dir_size,
@@ -191,8 +192,6 @@ def _layer_scores(teacher: Any, blocks: Any, length: int) -> list[float]:
     return models.block_importance(teacher, ids.to(device))
 
 
-
-
 def build_objective(su: DistillSetup, cache: Any = None) -> Any:
     from entrenar_cli import models
     from entrenar_cli.objectives import DistillObjective
@@ -315,17 +314,16 @@ def plan(su: DistillSetup) -> dict[str, Any]:
 
 
 def _memory_estimate(su: DistillSetup) -> int | None:
-    """Training-memory estimate from the estimate module, when it is available."""
-    try:
-        from entrenar_cli.memory import estimate_training
-    except ImportError:
-        return None
-    try:
+    """Training-memory estimate for the plan (advice: see common.advisory_estimate)."""
+    from entrenar_cli import lora_defaults
+    from entrenar_cli.memory import estimate_training
+
+    def compute() -> int:
         tr = su.cfg.training
         lora = su.cfg.student.lora
         student_cfg = su.student.config.to_dict()  # a PeftModel forwards .config to its base model
         est = estimate_training(
-            student_cfg, method="lora" if lora else "full", rank=lora.rank if lora else 16,
+            student_cfg, method="lora" if lora else "full", rank=lora.rank if lora else lora_defaults.RANK,
             target_modules=lora.target_modules if lora else None, batch_size=tr.batch_size,
             seq_len=su.cfg.dataset.max_length, dtype=su.precision if su.precision != "fp32" else "fp32",
             gradient_checkpointing=tr.gradient_checkpointing,
@@ -335,8 +333,8 @@ def _memory_estimate(su: DistillSetup) -> int | None:
             device="cuda" if su.device.type == "cuda" else "cpu",
         )
         return int(est.total_bytes)
-    except Exception:  # noqa: BLE001 - an estimate problem must not stop training
-        return None
+
+    return advisory_estimate(compute)
 
 
 def print_plan(p: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from entrenar_cli.console import info
 from entrenar_cli.errors import ConfigError, DataError, EntrenarError
 from entrenar_cli.pipeline.common import (
     RunOptions,
+    advisory_estimate,
     after_stop_signal,
     check_free_space,
     dir_size,
@@ -183,22 +184,21 @@ def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
 
 
 def _estimate(su: FineTuneSetup) -> int | None:
-    try:
-        from entrenar_cli.memory import estimate_training
-    except ImportError:
-        return None
-    try:
-        base = su.model.base_model.model if hasattr(su.model, "base_model") else su.model
+    """Training-memory estimate for the plan (advice: see common.advisory_estimate)."""
+    from entrenar_cli.memory import estimate_training
+
+    def compute() -> int:
         tr = su.cfg.training
-        est = estimate_training(base.config.to_dict(), method=su.cfg.method, rank=su.cfg.lora.rank,
+        # a PeftModel forwards .config to its base model; every transformers model has one
+        est = estimate_training(su.model.config.to_dict(), method=su.cfg.method, rank=su.cfg.lora.rank,
                                 target_modules=su.cfg.lora.target_modules, batch_size=tr.batch_size,
                                 seq_len=su.cfg.dataset.max_length, dtype=su.precision,
                                 gradient_checkpointing=tr.gradient_checkpointing, lora_alpha=su.cfg.lora.alpha,
                                 lora_dropout=su.cfg.lora.dropout, gradient_accumulation=tr.gradient_accumulation,
                                 device="cuda" if su.model.device.type == "cuda" else "cpu")
         return int(est.total_bytes)
-    except Exception:  # noqa: BLE001 - the estimate is advice; training goes on without it
-        return None
+
+    return advisory_estimate(compute)
 
 
 def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
