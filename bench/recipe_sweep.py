@@ -186,7 +186,8 @@ def cmd_probe(root: Path) -> None:
                                        "ce": float(tok_ce[order[i * q:(i + 1) * q]].mean())} for i in range(4)]
         scores = _layer_scores(su.teacher, su.train_blocks, cfg.dataset.max_length)
         out["importance_scores"] = scores
-        for name, layers in (("spread", models.spread_layers(30, 6)), ("importance", models.importance_layers(scores, 6))):
+        for name, layers in (("spread", models.spread_layers(30, 6)),
+                             ("importance", models.importance_layers(scores, 6))):
             st = models.student_from_teacher(su.teacher, layers).eval()
             s_logits = torch.cat([st(input_ids=x[i:i + 4]).logits[..., : su.vocab].float()
                                   for i in range(0, n_blocks, 4)])
@@ -285,7 +286,8 @@ def cmd_table(root: Path) -> None:
             cells.append("" if p is None else f"{p:.1f}" + (f" ({ratio:.2f}x)" if ratio else ""))
         sps = f"{r['s_per_step']:.2f}" if r.get("s_per_step") else ""
         lines.append(f"| {name}: {r['what']} | " + " | ".join(cells) + f" | {sps} | {r.get('baseline', '')} |")
-    eq = ["", "Equal wall time (CE-only perplexity when the run reached each evaluation; log-linear interpolation):", ""]
+    eq = ["", "Equal wall time (CE-only perplexity when the run reached each evaluation; "
+          "log-linear interpolation):", ""]
     for name, r in rows.items():
         if "ce_at_equal_time" in r:
             parts = [f"{s}: {r['perplexity'][s]:.1f} vs {v:.1f}" for s, v in r["ce_at_equal_time"].items() if v]

@@ -36,7 +36,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -102,7 +103,9 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(
+    path: Path,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """(trainable tensors, optimizer state dict, rng tensors, trainer state)."""
     trainable = load_file(str(path / "trainable.safetensors"))
     opt = _optimizer_from_flat(load_file(str(path / "optimizer.safetensors")),

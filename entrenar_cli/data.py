@@ -30,7 +30,8 @@ import numpy as np
 from entrenar_cli.errors import EXIT_USAGE, ConfigError, DataError, UsageError, shorten_path
 from entrenar_cli.fsutil import atomic_path, name_path, write_json_atomic
 
-TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".cfg", ".toml", ".yaml", ".yml", ".html", ".css"}
+TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".cfg",
+                 ".toml", ".yaml", ".yml", ".html", ".css"}
 STORE_VERSION = 4
 
 
@@ -405,7 +406,8 @@ def build_stores(
         raise DataError(f"all {docs['eval']} documents fell into the held-out split",
                         hint="lower dataset.eval_fraction, or add documents (the split is by document)")
     if docs["train"] == 0:
-        raise DataError("the dataset has no usable text", hint="check dataset.path / text_column and that files are not empty")
+        raise DataError("the dataset has no usable text",
+                        hint="check dataset.path / text_column and that files are not empty")
     info = {"version": STORE_VERSION, "meta": meta or {}, "tokens": counts, "documents": docs, "has_mask": any_mask}
     write_json_atomic(manifest, info)
     return _open_store(directory, "train", info), _open_store(directory, "eval", info)
@@ -627,7 +629,8 @@ def load_blocks(
     eval_blocks = BlockDataset(held, settings.max_length, causal, cls_id, sep_id)
     if len(train_blocks) == 0:
         raise DataError(
-            f"the dataset has {len(train)} training tokens: not enough for one block of max_length {settings.max_length}",
+            f"the dataset has {len(train)} training tokens: "
+            f"not enough for one block of max_length {settings.max_length}",
             hint="add data or lower dataset.max_length",
         )
     if settings.eval_fraction > 0 and len(eval_blocks) == 0:

@@ -79,7 +79,8 @@ def locate(model_id: str, *, revision: str | None = None, fmt: str = "safetensor
         _check_local_weights(p, allow_pickle)
         return ModelLocation(p, None, model_id)
     if model_id.startswith((".", "/", "~")) or model_id.count("/") > 1:
-        raise ModelError(f"model path not found: {model_id}", hint="check the path, or give a Hub repo id like org/name")
+        raise ModelError(f"model path not found: {model_id}",
+                         hint="check the path, or give a Hub repo id like org/name")
     from entrenar_cli.hub import resolve_model
 
     local = Path(resolve_model(model_id, revision=revision, fmt=fmt, allow_pickle=allow_pickle, gguf_file=gguf_file))
@@ -424,7 +425,8 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     missing, unexpected = student.load_state_dict(new_state, strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise ModelError(f"could not map teacher weights onto the student: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelError(f"could not map teacher weights onto the student: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     if getattr(cfg, "tie_word_embeddings", False) and hasattr(student, "tie_weights"):
         student.tie_weights()
     return student
@@ -454,7 +456,8 @@ def check_vocab(teacher_tok: Any, student_tok: Any, teacher: nn.Module, student:
     v_t, v_s = vocab_of(teacher), vocab_of(student)
     if student_tok is not None and tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
         raise ModelError(
-            f"teacher and student tokenizers differ (teacher vocabulary {len(teacher_tok)}, student {len(student_tok)})",
+            f"teacher and student tokenizers differ "
+            f"(teacher vocabulary {len(teacher_tok)}, student {len(student_tok)})",
             hint="distillation on logits needs a shared vocabulary: pick a student from the teacher's family, "
             "or use student.init_from_teacher",
         )

@@ -17,21 +17,19 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from entrenar_cli.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from entrenar_cli.data import BlockDataset, DistillationCollator, epoch_order
 from entrenar_cli.errors import TrainingError
-from entrenar_cli.signals import STOP, pause_for_tests
 from entrenar_cli.precision import precision_dtype, resolve_precision  # noqa: F401 - re-exported
-
+from entrenar_cli.signals import STOP, pause_for_tests
 
 # loss terms averaged per sequence rather than per token
 SEQUENCE_TERMS = {"loss_attn", "loss_embedding", "loss_seq"}
@@ -431,9 +429,10 @@ class Engine:
                     now = time.perf_counter()
                     if self.world > 1:  # log global means, not this process's shard
                         keys = sorted(acc)
-                        summed = self.accelerator.reduce(torch.stack([torch.as_tensor(acc[k], dtype=torch.float64,
-                                                                                      device=self.device) for k in keys]),
-                                                         reduction="sum")
+                        summed = self.accelerator.reduce(
+                            torch.stack([torch.as_tensor(acc[k], dtype=torch.float64, device=self.device)
+                                         for k in keys]),
+                            reduction="sum")
                         acc = dict(zip(keys, summed))
                     tokens = max(1.0, float(acc.pop("tokens")))
                     seqs = max(1.0, float(acc.pop("sequences")))

@@ -73,7 +73,8 @@ def commit_files(
     for rel, content in files.items():
         target = repo / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        data = content.read_bytes() if isinstance(content, Path) else content.encode() if isinstance(content, str) else content
+        data = (content.read_bytes() if isinstance(content, Path)
+                else content.encode() if isinstance(content, str) else content)
         _check_size(rel, data)
         target.write_bytes(data)
     for rel in remove:
@@ -228,7 +229,8 @@ TINY_LLAMA = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     intermediate_size=128, vocab_size=256, max_position_embeddings=128,
 )
-TOKENIZER_CONFIG = '{"model_max_length": 128, "bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}\n'
+TOKENIZER_CONFIG = ('{"model_max_length": 128, "bos_token": "<s>", "eos_token": "</s>", '
+                    '"tokenizer_class": "PreTrainedTokenizerFast"}\n')
 README = "---\nlicense: mit\n---\n# fixture\nA tiny model for entrenar's tests.\n"
 
 
@@ -304,12 +306,16 @@ def build_fixture_repos(server: HubServer, workdir: Path) -> FixtureHub:
 
     sharded = tiny_llama_files(workdir, seed=1, max_shard_size="150KB")
     hub.facts["shards"] = sorted(n for n in sharded if n.endswith(".safetensors"))
-    hub.commits["tiny-llama-sharded"] = commit_files(server.repo("tests/tiny-llama-sharded"), {**sharded, **extras}, "sharded")
+    hub.commits["tiny-llama-sharded"] = commit_files(
+        server.repo("tests/tiny-llama-sharded"), {**sharded, **extras}, "sharded"
+    )
 
     pickled = pickle_weights(workdir)
     config = llama["config.json"]
     hub.commits["pickle-only"] = commit_files(
-        server.repo("tests/pickle-only"), {"config.json": config, "pytorch_model.bin": pickled, "README.md": README}, "pickle"
+        server.repo("tests/pickle-only"),
+        {"config.json": config, "pytorch_model.bin": pickled, "README.md": README},
+        "pickle",
     )
     hub.commits["mixed"] = commit_files(
         server.repo("tests/mixed"),
@@ -320,13 +326,18 @@ def build_fixture_repos(server: HubServer, workdir: Path) -> FixtureHub:
         "mixed",
     )
 
-    ggufs = {"tiny-f32.gguf": tiny_gguf(workdir, "tiny-f32.gguf", 512), "tiny-q8.gguf": tiny_gguf(workdir, "tiny-q8.gguf", 256)}
+    ggufs = {
+        "tiny-f32.gguf": tiny_gguf(workdir, "tiny-f32.gguf", 512),
+        "tiny-q8.gguf": tiny_gguf(workdir, "tiny-q8.gguf", 256),
+    }
     hub.commits["gguf"] = commit_files(server.repo("tests/tiny-gguf"), {**ggufs, "README.md": README}, "gguf")
 
     good = llama["model.safetensors"].read_bytes()
     hub.facts["corrupt_size"] = len(good) - 4096
     hub.commits["corrupt"] = commit_files(
-        server.repo("tests/corrupt"), {"config.json": config, "model.safetensors": good[: len(good) - 4096]}, "truncated"
+        server.repo("tests/corrupt"),
+        {"config.json": config, "model.safetensors": good[: len(good) - 4096]},
+        "truncated",
     )
 
     train = [{"text": f"train example {i}", "label": i % 2} for i in range(20)]

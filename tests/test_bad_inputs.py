@@ -21,8 +21,8 @@ from entrenar_cli.cli import app
 runner = CliRunner()
 
 
-def _config(tmp: Path, teacher: Path | str, data: Path | str, extra: str = "", student: str = "  init_from_teacher: 2\n",
-            dataset_extra: str = "") -> Path:
+def _config(tmp: Path, teacher: Path | str, data: Path | str, extra: str = "",
+            student: str = "  init_from_teacher: 2\n", dataset_extra: str = "") -> Path:
     cfg = tmp / "bad.yaml"
     cfg.write_text(f"teacher:\n  model_id: {teacher}\nstudent:\n{student}"
                    f"training:\n  max_steps: 2\n  batch_size: 2\n"

@@ -51,7 +51,7 @@ def test_validate_temperature_zero_exit_2_names_field_and_line(repo: Path, tmp_p
     src = (repo / "examples/configs/distill-design-doc.yaml").read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text(src.replace("temperature: 4.0", "temperature: 0"))
-    line = next(i for i, l in enumerate(bad.read_text().splitlines(), 1) if "temperature: 0" in l)
+    line = next(i for i, ln in enumerate(bad.read_text().splitlines(), 1) if "temperature: 0" in ln)
     result = runner.invoke(app, ["validate", str(bad)])
     assert result.exit_code == 2
     assert f"bad.yaml:{line}:16: distillation.temperature" in result.output

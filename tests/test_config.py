@@ -188,7 +188,8 @@ def test_pickle_format_needs_opt_in() -> None:
 
 
 def test_finetune_config_methods() -> None:
-    text = "model:\n  model_id: org/m\nmethod: qlora\nquantization:\n  bits: 4\ndataset:\n  path: d.jsonl\noutput:\n  dir: o\n"
+    text = ("model:\n  model_id: org/m\nmethod: qlora\nquantization:\n  bits: 4\n"
+            "dataset:\n  path: d.jsonl\noutput:\n  dir: o\n")
     cfg = validate_text(text, FineTuneYamlConfig, "f.yaml")
     assert cfg.method == "qlora" and cfg.quantization.bits == 4 and cfg.quantization.double_quant
     with pytest.raises(ConfigError, match="bits"):

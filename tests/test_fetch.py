@@ -11,11 +11,11 @@ import json
 import os
 from pathlib import Path
 
+import hubserver
 import pytest
 from typer.testing import CliRunner
 
 from entrenar_cli.cli import app
-import hubserver
 
 pytest.importorskip("olah", reason="the Hub tests need the olah server (pip install olah)")
 
@@ -292,7 +292,8 @@ def test_hf_hub_cache_and_cache_dir_are_honoured(
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "env-cache"))
     code, doc, output = fetch("tests/tiny-gguf", "--format", "gguf", "-i", "tiny-q8.gguf")
     assert code == 0 and doc["path"].startswith(str(tmp_path / "env-cache" / "models--tests--tiny-gguf")), output
-    code, doc, output = fetch("tests/tiny-gguf", "--format", "gguf", "-i", "tiny-q8.gguf", "--cache-dir", str(tmp_path / "flag"))
+    code, doc, output = fetch("tests/tiny-gguf", "--format", "gguf", "-i", "tiny-q8.gguf",
+                              "--cache-dir", str(tmp_path / "flag"))
     assert code == 0 and doc["path"].startswith(str(tmp_path / "flag" / "models--tests--tiny-gguf")), output
 
 
@@ -314,7 +315,9 @@ def test_fetch_config_json_downloads_only_the_config(
     # offline, a cache holding only config.json is not taken for a model
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, output = fetch("tests/tiny-llama-sharded")
-    assert code == 1 and "the cached copy of 'tests/tiny-llama-sharded' has no model weights (it has: config.json)" in output
+    assert code == 1 and (
+        "the cached copy of 'tests/tiny-llama-sharded' has no model weights (it has: config.json)" in output
+    )
     assert "fetch it once with network access" in output
     assert fetch_config_json("tests/tiny-llama-sharded") == config
 
@@ -328,7 +331,9 @@ def test_token_is_used_but_never_printed_or_recorded(
         outputs.append(result.output)
     assert "the token given cannot read it" in outputs[1]
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    outputs.append(runner.invoke(app, ["fetch", "tests/tiny-llama", "--local-dir", str(tmp_path / "ld"), "--json"]).output)
+    outputs.append(
+        runner.invoke(app, ["fetch", "tests/tiny-llama", "--local-dir", str(tmp_path / "ld"), "--json"]).output
+    )
     with hubserver.status_server(403) as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         outputs.append(runner.invoke(app, ["fetch", "tests/private"]).output)  # HF_TOKEN is sent
@@ -442,7 +447,9 @@ def test_plan_prefers_index_shards_over_other_safetensors() -> None:
     ]
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     plan = plan_model_files("'x'", names, FetchOptions(), lambda name: index)
-    assert plan.weights == ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    assert plan.weights == (
+        "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    )
     assert set(plan.files) == {*plan.weights, "config.json", "tokenizer.json", "tokenizer.model"}
 
 
@@ -499,7 +506,8 @@ def test_hub_package_imports_no_heavy_modules() -> None:
         "import sys, entrenar_cli.hub, entrenar_cli.commands.fetch\n"
         "print([m for m in ('huggingface_hub', 'torch', 'transformers', 'pyarrow') if m in sys.modules])"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ.copy())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=os.environ.copy())
     assert proc.stdout.strip() == "[]", proc.stderr
 
 

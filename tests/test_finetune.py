@@ -37,8 +37,8 @@ def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def test_lora_trains_adapter_reloads_and_merge_matches(trained_tiny_llama: Path, stdlib_text_other: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_lora_trains_adapter_reloads_and_merge_matches(trained_tiny_llama: Path, stdlib_text_other: Path,
+                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

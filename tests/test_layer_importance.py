@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 
 from entrenar_cli.config import DistillationYamlConfig, validate_text
 from entrenar_cli.errors import ConfigError
 from entrenar_cli.pipeline.common import RunOptions
-
-from conftest import make_tiny_llama
 
 
 def test_importance_layers_keeps_first_last_and_highest() -> None:

@@ -40,15 +40,19 @@ def export(
         str, typer.Option("--max-shard-size", help="SafeTensors: split into shards above this size (e.g. 2GB, 500MB).")
     ] = "5GB",
     tokenizer: Annotated[
-        Optional[Path], typer.Option("--tokenizer", help="Directory with the tokenizer files, if not next to the model.")
+        Optional[Path],
+        typer.Option("--tokenizer", help="Directory with the tokenizer files, if not next to the model."),
     ] = None,
     base: Annotated[
-        Optional[Path], typer.Option("--base", help="Base model directory for a LoRA adapter (default: its adapter_config).")
+        Optional[Path],
+        typer.Option("--base", help="Base model directory for a LoRA adapter (default: its adapter_config)."),
     ] = None,
     apr_encoding: Annotated[
         str, typer.Option("--apr-encoding", help="APR tensor data: numbers (readable) | base64 (compact).")
     ] = "numbers",
-    no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Leave the model metadata out of the file.")] = False,
+    no_metadata: Annotated[
+        bool, typer.Option("--no-metadata", help="Leave the model metadata out of the file.")
+    ] = False,
     parity: Annotated[
         bool, typer.Option("--parity/--no-parity", help="Read the export back and compare it with the source model.")
     ] = True,

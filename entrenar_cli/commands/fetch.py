@@ -28,39 +28,63 @@ class FormatChoice(str, Enum):
 def fetch(
     repo_id: Annotated[
         Optional[str],
-        typer.Argument(metavar="REPO_ID", help="Model on the Hub (ORG/NAME), or a local model directory to check.", show_default=False),
+        typer.Argument(
+            metavar="REPO_ID",
+            help="Model on the Hub (ORG/NAME), or a local model directory to check.",
+            show_default=False,
+        ),
     ] = None,
     dataset: Annotated[
         Optional[str],
-        typer.Option("--dataset", "-d", metavar="NAME", help="Fetch the Parquet files of this Hub dataset instead of a model."),
+        typer.Option(
+            "--dataset", "-d", metavar="NAME", help="Fetch the Parquet files of this Hub dataset instead of a model."
+        ),
     ] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Dataset split.  [default: train]", show_default=False)] = None,
+    split: Annotated[
+        Optional[str], typer.Option("--split", help="Dataset split.  [default: train]", show_default=False)
+    ] = None,
     config: Annotated[
         Optional[str],
-        typer.Option("--config", help="Dataset config (subset).  [default: 'default', or the only one]", show_default=False),
+        typer.Option(
+            "--config", help="Dataset config (subset).  [default: 'default', or the only one]", show_default=False
+        ),
     ] = None,
     revision: Annotated[
         Optional[str],
-        typer.Option("--revision", "-r", help="Branch, tag or commit hash; the resolved commit is printed.  [default: main]", show_default=False),
+        typer.Option(
+            "--revision", "-r",
+            help="Branch, tag or commit hash; the resolved commit is printed.  [default: main]",
+            show_default=False,
+        ),
     ] = None,
     fmt: Annotated[
         FormatChoice,
         typer.Option(
             "--format", "-f", case_sensitive=False,
-            help="Weights to fetch: safetensors; gguf (pick the file with --include); pytorch (pickle, needs --allow-pickle).",
+            help="Weights to fetch: safetensors; gguf (pick the file with --include); "
+            "pytorch (pickle, needs --allow-pickle).",
         ),
     ] = FormatChoice.safetensors,
     include: Annotated[
         Optional[list[str]],
-        typer.Option("--include", "-i", metavar="PATTERN", help="Also fetch files matching this glob (repeatable); with --format gguf it selects the .gguf file."),
+        typer.Option(
+            "--include", "-i", metavar="PATTERN",
+            help="Also fetch files matching this glob (repeatable); with --format gguf it selects the .gguf file.",
+        ),
     ] = None,
     allow_pickle: Annotated[
         bool,
-        typer.Option("--allow-pickle", help="Allow pickle weights (.bin .pt .pth .ckpt .pkl) when a repo has no SafeTensors. Pickle can run arbitrary code when loaded: only for repos you trust."),
+        typer.Option(
+            "--allow-pickle",
+            help="Allow pickle weights (.bin .pt .pth .ckpt .pkl) when a repo has no SafeTensors. "
+            "Pickle can run arbitrary code when loaded: only for repos you trust.",
+        ),
     ] = False,
     cache_dir: Annotated[
         Optional[Path],
-        typer.Option("--cache-dir", help="Hub cache directory.  [default: HF_HUB_CACHE, or HF_HOME/hub]", show_default=False),
+        typer.Option(
+            "--cache-dir", help="Hub cache directory.  [default: HF_HUB_CACHE, or HF_HOME/hub]", show_default=False
+        ),
     ] = None,
     local_dir: Annotated[
         Optional[Path],
@@ -68,7 +92,11 @@ def fetch(
     ] = None,
     token: Annotated[
         Optional[str],
-        typer.Option("--token", help="Hub access token for private or gated repos (overrides HF_TOKEN; never printed).", show_default=False),
+        typer.Option(
+            "--token",
+            help="Hub access token for private or gated repos (overrides HF_TOKEN; never printed).",
+            show_default=False,
+        ),
     ] = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -158,9 +186,13 @@ def _check_arguments(
             ) if used
         ]
         if model_only:
-            problems.append(f"{', '.join(model_only)} {'apply' if len(model_only) > 1 else 'applies'} to models, not to --dataset")
+            problems.append(
+                f"{', '.join(model_only)} {'apply' if len(model_only) > 1 else 'applies'} to models, not to --dataset"
+            )
     else:
-        dataset_only = [flag for flag, used in (("--split", split is not None), ("--config", config is not None)) if used]
+        dataset_only = [
+            flag for flag, used in (("--split", split is not None), ("--config", config is not None)) if used
+        ]
         if dataset_only:
             problems.append(f"{' and '.join(dataset_only)} {'need' if len(dataset_only) > 1 else 'needs'} --dataset")
     if cache_dir is not None and local_dir is not None:

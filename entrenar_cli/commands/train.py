@@ -14,7 +14,9 @@ ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the 
 OverwriteOption = Annotated[bool, typer.Option(
     "--overwrite", help="Delete what an earlier run wrote in output.dir (nothing else) and start again.")]
 DryRunOption = Annotated[bool, typer.Option("--dry-run", help="Load models and data, print the plan, train nothing.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (metrics still go to metrics.jsonl).")]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar (metrics still go to metrics.jsonl).")
+]
 
 
 def distill(

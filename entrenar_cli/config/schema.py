@@ -105,7 +105,9 @@ class LoRASettings(Section):
     """Low-rank adapters (Hu et al. 2021) through peft."""
 
     rank: int = Field(lora_defaults.RANK, gt=0, le=MAX_BATCH, description="Adapter rank r.")
-    alpha: float = Field(lora_defaults.ALPHA, gt=0, description="Scaling numerator: updates are scaled by alpha / rank.")
+    alpha: float = Field(
+        lora_defaults.ALPHA, gt=0, description="Scaling numerator: updates are scaled by alpha / rank."
+    )
     dropout: float = Field(lora_defaults.DROPOUT, ge=0, lt=1, description="Dropout on the adapter input.")
     target_modules: Union[list[str], Literal["all-linear"], None] = Field(
         None,
@@ -322,7 +324,9 @@ class TrainingSettings(Section):
     )
     device: Device = Field("auto", description="auto picks CUDA, then MPS, then CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
-    compile: bool = Field(False, description="torch.compile the student and the teacher (GPUs; the first steps compile).")
+    compile: bool = Field(
+        False, description="torch.compile the student and the teacher (GPUs; the first steps compile)."
+    )
     eval_steps: int | None = Field(
         None, gt=0, le=MAX_STEPS, description="Evaluate every N optimizer steps (and at the end)."
     )
@@ -442,7 +446,9 @@ class FineTuneYamlConfig(Section):
     """A fine-tuning run: `entrenar finetune finetune.yaml` (the design document's FineTuneConfig)."""
 
     model: ModelSource
-    method: Literal["full", "lora", "qlora"] = Field("lora", description="full, lora (peft) or qlora (4/8-bit base + LoRA).")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "lora", description="full, lora (peft) or qlora (4/8-bit base + LoRA)."
+    )
     lora: LoRASettings = Field(default_factory=LoRASettings)
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)

@@ -195,7 +195,8 @@ class Exporter:
 
             source = _cast(weights, self._cast_dtype(weights, precision))
             with atomic_path(path) as tmp:
-                write_apr(source, tmp, encoding=self._apr_encoding, include_metadata=self._include_metadata, warn=self._warn)  # type: ignore[arg-type]
+                write_apr(source, tmp, encoding=self._apr_encoding,  # type: ignore[arg-type]
+                          include_metadata=self._include_metadata, warn=self._warn)
                 _readable(tmp)
             files = [path]
         else:
@@ -210,7 +211,8 @@ class Exporter:
             rounding = info.rounding
             files = [path]
         size = sum(f.stat().st_size for f in files)
-        result = ExportResult(path=path, format=self._format, precision=precision, files=files, size_bytes=size, notes=notes)
+        result = ExportResult(path=path, format=self._format, precision=precision, files=files, size_bytes=size,
+                              notes=notes)
         if self._format is ExportFormat.GGUF:
             result.rounding = rounding
         return result
@@ -288,7 +290,8 @@ def _precheck(request: ExportRequest) -> None:
     if quant not in (None, "auto") and quant not in PRECISIONS[request.format]:
         Exporter(".").format(request.format).quantize(quant).resolve_precision(ModelWeights())
     if request.output is not None and request.output.exists() and not request.overwrite:
-        raise UsageError(f"{request.output} already exists", hint="choose another -o path or pass --force to replace it")
+        raise UsageError(f"{request.output} already exists",
+                         hint="choose another -o path or pass --force to replace it")
     if request.format is ExportFormat.GGUF and request.source.is_dir():
         config_dir = request.base if (request.source / "adapter_config.json").is_file() else request.source
         config_path = (config_dir or request.source) / "config.json"
@@ -368,7 +371,9 @@ def export_model(
     return result
 
 
-def run_parity(result: ExportResult, src: Any, request: ExportRequest, exporter: Exporter, *, progress: Progress) -> None:
+def run_parity(
+    result: ExportResult, src: Any, request: ExportRequest, exporter: Exporter, *, progress: Progress
+) -> None:
     """Fill ``result.parity`` (and ``tensors_identical``) by reading the export back."""
     import torch
 
@@ -432,9 +437,11 @@ def run_parity(result: ExportResult, src: Any, request: ExportRequest, exporter:
         check("apr+transformers", apr_outputs, result.precision)
     else:
         readers = _gguf_readers(request.parity_reader)
-        if request.parity_reader == "auto" and "llama.cpp" in readers and not _transformers_reads_gguf(weights.config or {}):
+        if (request.parity_reader == "auto" and "llama.cpp" in readers
+                and not _transformers_reads_gguf(weights.config or {})):
             readers.remove("transformers")
-            result.notes.append("transformers cannot load gpt2 GGUF files whose n_positions is not 1024; checked with llama.cpp only")
+            result.notes.append("transformers cannot load gpt2 GGUF files whose n_positions is not 1024; "
+                                "checked with llama.cpp only")
         if "transformers" in readers:
             check("transformers", lambda: P.gguf_transformers_outputs(path, seqs), result.precision)
         if "llama.cpp" in readers:
@@ -499,7 +506,8 @@ def _gguf_readers(choice: str) -> list[str]:
     if "llama.cpp" in choice_list and not llamacpp_available():
         raise UsageError(
             "llama-cpp-python is not installed, so llama.cpp cannot check the GGUF file",
-            hint="pip install 'entrenar-cli[llamacpp]' (builds llama.cpp, ~5 minutes) or use --parity-reader transformers",
+            hint="pip install 'entrenar-cli[llamacpp]' (builds llama.cpp, ~5 minutes) "
+            "or use --parity-reader transformers",
         )
     return choice_list
 

@@ -23,7 +23,6 @@ from entrenar_cli.errors import ModelError
 from entrenar_cli.export.weights import DTYPE_NAMES, TOKENIZER_FILES, ModelMetadata, ModelWeights, dtype_name
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
     import torch
 
 APR_FORMAT = "apr"
@@ -98,7 +97,8 @@ def read_apr(path: Path) -> ModelWeights:
     except FileNotFoundError:
         raise ModelError(f"APR file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON: {exc}", hint="APR files are JSON; see docs/apr-format.md") from None
+        raise ModelError(f"{path} is not valid JSON: {exc}",
+                         hint="APR files are JSON; see docs/apr-format.md") from None
     if not isinstance(doc, dict) or doc.get("format") != APR_FORMAT:
         raise ModelError(f"{path} is not an APR file (missing \"format\": \"apr\")", hint="see docs/apr-format.md")
     version = str(doc.get("apr_version", ""))

@@ -31,8 +31,8 @@ GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwe
 GGUF_QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # pre-tokenizer regexes as they appear in tokenizer.json (Split pre-tokenizer) -> llama.cpp name
 _SPLIT_REGEX_PRE = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",  # noqa: E501
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",  # noqa: E501
 }
 # tensors that are recomputed at load time, never stored
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
@@ -118,7 +118,8 @@ def write_gguf(
     import gguf
 
     if quantize not in GGUF_QUANTIZATIONS:
-        raise UsageError(f"--quantize {quantize!r} is not a GGUF type", hint=f"choose one of {', '.join(GGUF_QUANTIZATIONS)}")
+        raise UsageError(f"--quantize {quantize!r} is not a GGUF type",
+                         hint=f"choose one of {', '.join(GGUF_QUANTIZATIONS)}")
     config = weights.config
     arch = check_supported(config)
     assert config is not None
@@ -221,7 +222,8 @@ def _tensor_qtype(name: str, data: "np.ndarray", quantize: str, info: GGUFInfo) 
     """Per-tensor GGML type: 1-D tensors and position embeddings F32 (as llama.cpp's converter does);
     q4_0 keeps token_embd/output at Q8_0 (llama.cpp's own quantizer keeps them high too); rows that
     do not fill quant blocks fall back to F16."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
 
     if data.ndim <= 1 or name.endswith(("_norm.weight", ".bias")) or name == "position_embd.weight":
         return T.F32
@@ -247,7 +249,8 @@ def _gguf_tensors(
     tensors = weights.tensors
     embed_key = next((k for k in tensors if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
     tied = "lm_head.weight" not in tensors or (
-        embed_key is not None and bool(config.get("tie_word_embeddings")) and _same(tensors["lm_head.weight"], tensors[embed_key])
+        embed_key is not None and bool(config.get("tie_word_embeddings"))
+        and _same(tensors["lm_head.weight"], tensors[embed_key])
     )
     for key, tensor in tensors.items():
         if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and tied):

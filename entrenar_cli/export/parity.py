@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    import torch
 
 # Held-out text: code, prose, numbers and non-ASCII, so tokenizers and rope positions are exercised.
 HELDOUT_TEXTS: tuple[str, ...] = (
@@ -126,7 +125,8 @@ class ParityReport:
             parts.append("tokenizer " + ("match" if self.tokenizer_match else "MISMATCH"))
         text = f"{self.reader} vs {self.reference}: " + ", ".join(parts) + (" - ok" if self.passed else " - FAILED")
         if self.quality and self.quality.get("kl_mean") is not None:
-            text += f" (vs unrounded source: KL {self.quality['kl_mean']:.3g}, top-1 {self.quality['top1_agreement']:.1%})"
+            text += (f" (vs unrounded source: KL {self.quality['kl_mean']:.3g}, "
+                     f"top-1 {self.quality['top1_agreement']:.1%})")
         return text
 
 
@@ -336,7 +336,9 @@ def llamacpp_outputs(path: Path, seqs: list[list[int]]) -> list["np.ndarray"]:
         llm.close()
 
 
-def llamacpp_tokenization(path: Path, tokenizer_dir: Optional[Path], texts: tuple[str, ...] = HELDOUT_TEXTS) -> tuple[Optional[bool], list[dict[str, Any]]]:
+def llamacpp_tokenization(
+    path: Path, tokenizer_dir: Optional[Path], texts: tuple[str, ...] = HELDOUT_TEXTS
+) -> tuple[Optional[bool], list[dict[str, Any]]]:
     """Does llama.cpp split the held-out texts into the same ids as the Hugging Face tokenizer?"""
     tok = load_hf_tokenizer(tokenizer_dir)
     if tok is None:

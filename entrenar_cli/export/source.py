@@ -45,14 +45,16 @@ def load_source(
 
     quiet_libraries()
     if not path.exists():
-        raise UsageError(f"model not found: {path}", hint="pass a model directory, a LoRA adapter directory or an .apr.json file")
+        raise UsageError(f"model not found: {path}",
+                         hint="pass a model directory, a LoRA adapter directory or an .apr.json file")
     if tokenizer is not None and not tokenizer.is_dir():
         raise UsageError(f"--tokenizer {tokenizer}: not a directory")
     if path.is_file():
         if path.name.endswith((".apr.json", ".apr")):
             return _load_apr(path, tokenizer, trust_remote_code)
         if path.suffix == ".gguf":
-            raise UsageError(f"{path} is already GGUF", hint="export from the Hugging Face directory the model was trained in")
+            raise UsageError(f"{path} is already GGUF",
+                             hint="export from the Hugging Face directory the model was trained in")
         raise UsageError(f"{path} is a file; expected a model directory or an .apr.json file")
     if (path / "adapter_config.json").is_file():
         return _load_adapter(path, base, tokenizer, allow_pickle, trust_remote_code)
@@ -90,7 +92,8 @@ def check_weight_files(directory: Path, allow_pickle: bool, stem: str = "model")
     if not allow_pickle:
         raise UsageError(
             f"{directory} has only pickle weights ({', '.join(pickles[:3])}); loading a pickle can run arbitrary code",
-            hint="pass --allow-pickle only if you trust where the file came from (the export itself writes SafeTensors)",
+            hint="pass --allow-pickle only if you trust where the file came from "
+            "(the export itself writes SafeTensors)",
         )
     return False
 
@@ -98,7 +101,9 @@ def check_weight_files(directory: Path, allow_pickle: bool, stem: str = "model")
 def find_tokenizer_dir(*candidates: Optional[Path]) -> Optional[Path]:
     """The first directory that holds tokenizer files."""
     for cand in candidates:
-        if cand is not None and cand.is_dir() and any((cand / f).is_file() for f in TOKENIZER_FILES[:1] + ("tokenizer.model", "vocab.json", "vocab.txt")):
+        if cand is not None and cand.is_dir() and any(
+            (cand / f).is_file() for f in TOKENIZER_FILES[:1] + ("tokenizer.model", "vocab.json", "vocab.txt")
+        ):
             return cand
     return None
 

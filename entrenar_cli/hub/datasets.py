@@ -212,7 +212,8 @@ class HfDatasetFetcher:
         def listing(revision: str) -> tuple[str, dict[str, int]]:
             commit = api.repo_info(name, repo_type="dataset", revision=revision).sha
             if not commit:
-                raise HubError(f"the Hub gave no commit for dataset '{name}' at '{revision}'", "check HF_ENDPOINT points at a Hub server")
+                raise HubError(f"the Hub gave no commit for dataset '{name}' at '{revision}'",
+                               "check HF_ENDPOINT points at a Hub server")
             tree = api.list_repo_tree(name, repo_type="dataset", revision=commit, recursive=True)
             return commit, {e.path: int(e.size) for e in tree if isinstance(e, RepoFile)}
 
@@ -226,7 +227,8 @@ class HfDatasetFetcher:
                 if converted is not None and any(_layout(n) for n in converted[1]):
                     requested, (commit, sizes) = CONVERTED_REVISION, converted
             cfg, files = plan_dataset_files(f"dataset '{name}'", list(sizes), options.split, options.config)
-            self._say(f"fetching {len(files)} Parquet file{'s' * (len(files) != 1)} of {name} [{cfg}/{options.split}] at {requested} (commit {commit[:12]})")
+            self._say(f"fetching {len(files)} Parquet file{'s' * (len(files) != 1)} of {name} "
+                      f"[{cfg}/{options.split}] at {requested} (commit {commit[:12]})")
             folder = snapshot_download(
                 name,
                 repo_type="dataset",
@@ -261,9 +263,11 @@ class HfDatasetFetcher:
             raise HubError(
                 f"dataset '{name}' at revision '{requested}' is not in {options.local_dir or cache_dir} "
                 "and HF_HUB_OFFLINE is set",
-                "fetch it once with network access (unset HF_HUB_OFFLINE), or point --cache-dir at the cache that has it",
+                "fetch it once with network access (unset HF_HUB_OFFLINE), "
+                "or point --cache-dir at the cache that has it",
             )
-        cfg, files = plan_dataset_files(f"the cached copy of dataset '{name}'", list_local_files(base), options.split, options.config)
+        cfg, files = plan_dataset_files(f"the cached copy of dataset '{name}'", list_local_files(base), options.split,
+                                        options.config)
         return _finish(name, base, cfg, files, commit, dataclasses.replace(options, revision=requested), "cache")
 
     def _say(self, message: str) -> None:
@@ -301,7 +305,8 @@ def plan_dataset_files(label: str, names: Sequence[str], split: str, config: str
         else:
             raise DataError(f"{label} has several configs: {', '.join(configs)}", "choose one with --config NAME")
     elif config not in configs:
-        raise DataError(f"{label} has no config '{config}' (configs: {', '.join(configs)})", "pass one of them with --config")
+        raise DataError(f"{label} has no config '{config}' (configs: {', '.join(configs)})",
+                        "pass one of them with --config")
     files = [n for n, (c, s) in layouts.items() if c == config and s == split]
     if not files:
         splits = sorted({s for c, s in layouts.values() if c == config})

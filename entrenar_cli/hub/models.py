@@ -230,7 +230,8 @@ class HfModelFetcher:
             _validate_repo_id(repo_id)
             commit = api.repo_info(repo_id, repo_type="model", revision=requested).sha
             if not commit:
-                raise HubError(f"the Hub gave no commit for model '{repo_id}' at '{requested}'", "check HF_ENDPOINT points at a Hub server")
+                raise HubError(f"the Hub gave no commit for model '{repo_id}' at '{requested}'",
+                               "check HF_ENDPOINT points at a Hub server")
             sizes = {
                 entry.path: int(entry.size)
                 for entry in api.list_repo_tree(repo_id, revision=commit, recursive=True)
@@ -281,7 +282,8 @@ class HfModelFetcher:
             where = options.local_dir or cache_dir
             raise HubError(
                 f"model '{repo_id}' at revision '{requested}' is not in {where} and HF_HUB_OFFLINE is set",
-                "fetch it once with network access (unset HF_HUB_OFFLINE), or point --cache-dir at the cache that has it",
+                "fetch it once with network access (unset HF_HUB_OFFLINE), "
+                "or point --cache-dir at the cache that has it",
             )
         names = list_local_files(base)
         plan = plan_model_files(
@@ -292,7 +294,8 @@ class HfModelFetcher:
         return _finish(repo_id, base, plan, commit, options, "cache")
 
     def _context(self, repo_id: str, options: FetchOptions, cache_dir: Path) -> _env.HubContext:
-        cached = options.local_dir is None and cached_commit(cache_dir, repo_id, "model", options.revision or "main") is not None
+        cached = (options.local_dir is None
+                  and cached_commit(cache_dir, repo_id, "model", options.revision or "main") is not None)
         return _env.HubContext(
             repo_id=repo_id, repo_type="model", revision=options.revision, token=self._token,
             target=options.local_dir or cache_dir, cached=cached,
@@ -368,7 +371,8 @@ def plan_model_files(
                 fmt = WeightFormat.PYTORCH
         if not weights and not extra:
             hint = incomplete_hint or (
-                "it has GGUF files: use --format gguf --include PATTERN" if ggufs else "pass --include PATTERN to fetch other files"
+                "it has GGUF files: use --format gguf --include PATTERN" if ggufs
+                else "pass --include PATTERN to fetch other files"
             )
             raise HubError(f"{label} has no model weights (it has: {_listing(names)})", hint)
     files = tuple(dict.fromkeys([*weights, *aux, *extra]))
@@ -438,7 +442,8 @@ def inspect_local(path: Path, options: FetchOptions) -> ModelArtifact:
                 f"{path} is a pickle file, which can run arbitrary code when loaded",
                 "pass --allow-pickle if you trust it, or convert it to .safetensors",
             )
-        fmt = WeightFormat.GGUF if name.endswith(".gguf") else WeightFormat.PYTORCH if is_pickle(name) else WeightFormat.SAFETENSORS
+        fmt = (WeightFormat.GGUF if name.endswith(".gguf")
+               else WeightFormat.PYTORCH if is_pickle(name) else WeightFormat.SAFETENSORS)
         if fmt is WeightFormat.SAFETENSORS and not name.endswith(".safetensors"):
             raise UsageError(f"{path} is not a model file (.safetensors, .gguf) or directory")
         plan = _Plan(files=(name,), weights=(name,), format=fmt)
@@ -499,7 +504,8 @@ def _finish(
             size = path.stat().st_size
             expected = (expected_sizes or {}).get(name)
             if expected is not None and size != expected:
-                raise ModelError(f"corrupt file {name}: {size} bytes on disk, the Hub lists {expected} (truncated download?)")
+                raise ModelError(f"corrupt file {name}: {size} bytes on disk, "
+                                 f"the Hub lists {expected} (truncated download?)")
             if name.endswith(".safetensors"):
                 parameters += verify_safetensors(path).parameters
             elif name.endswith(".gguf"):
@@ -510,7 +516,8 @@ def _finish(
             evict(path, local_dir=options.local_dir)
             raise ModelError(
                 exc.message,
-                "it was removed from the cache: run the fetch again (if it fails again, the file on the Hub is damaged)",
+                "it was removed from the cache: run the fetch again "
+                "(if it fails again, the file on the Hub is damaged)",
             ) from None
         entries.append(FileEntry(name, size))
     config = _read_json(base / "config.json") if "config.json" in plan.files else None

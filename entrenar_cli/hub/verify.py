@@ -71,10 +71,12 @@ def verify_safetensors(path: str | Path) -> SafetensorsSummary:
         except (KeyError, TypeError, ValueError):
             raise _corrupt(p, f"tensor '{name}' has a malformed header entry") from None
         if not 0 <= begin <= end <= data_len:
-            raise _corrupt(p, f"tensor '{name}' lies outside the file (offsets {begin}-{end}, data {data_len} bytes; truncated?)")
+            raise _corrupt(p, f"tensor '{name}' lies outside the file "
+                              f"(offsets {begin}-{end}, data {data_len} bytes; truncated?)")
         width = _DTYPE_BYTES.get(str(dtype))
         if width is not None and end - begin != numel * width:
-            raise _corrupt(p, f"tensor '{name}' has {end - begin} bytes but shape {shape} x {dtype} needs {numel * width}")
+            raise _corrupt(p, f"tensor '{name}' has {end - begin} bytes "
+                              f"but shape {shape} x {dtype} needs {numel * width}")
         spans.append((begin, end))
         params += numel
         dtypes.add(str(dtype))
@@ -142,6 +144,7 @@ def evict(path: Path, *, local_dir: Path | None = None) -> None:
 
 def _corrupt(path: Path, why: str) -> ModelError:
     return ModelError(
-        f"corrupt SafeTensors file {path.name}: {why}" if path.suffix == ".safetensors" else f"corrupt file {path.name}: {why}",
+        f"corrupt SafeTensors file {path.name}: {why}" if path.suffix == ".safetensors"
+        else f"corrupt file {path.name}: {why}",
         "the file is damaged or incomplete: download it again",
     )

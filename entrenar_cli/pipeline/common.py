@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import contextlib
 import errno
 import json
@@ -11,7 +9,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,7 +221,8 @@ def _remove_earlier_run(out: Path, existing: list[str]) -> None:
             hint="--overwrite deletes only what an earlier entrenar run wrote; move these files away, "
                  "or choose another output.dir",
         )
-    listed = {Path(n).parts[0] for n in data["written"] if n and not Path(n).is_absolute() and ".." not in Path(n).parts}
+    listed = {Path(n).parts[0] for n in data["written"]
+              if n and not Path(n).is_absolute() and ".." not in Path(n).parts}
     foreign = [n for n in existing if not _is_ours(n, listed)]
     if foreign:
         raise UsageError(

@@ -67,7 +67,8 @@ def _precision_and_device(settings: Any) -> tuple[Any, Any]:
     return choose_precision(settings.mixed_precision, device), device
 
 
-def _check_mapping(name: str, mapping: list[tuple[int, int]], n_student: int, n_teacher: int, allow_embed: bool) -> None:
+def _check_mapping(name: str, mapping: list[tuple[int, int]], n_student: int, n_teacher: int,
+                   allow_embed: bool) -> None:
     low = -1 if allow_embed else 0
     problems = []
     for s, t in mapping:
@@ -147,7 +148,8 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     if dist.attention.enabled:
         if dist.attention.layer_mapping is None:
             # default: the progressive mapping (blocks only), else the student's layers spread over the teacher's
-            pairs = [(s, t) for s, t in dist.progressive.layer_mapping if s >= 0 and t >= 0] if dist.progressive.enabled else []
+            pairs = ([(s, t) for s, t in dist.progressive.layer_mapping if s >= 0 and t >= 0]
+                     if dist.progressive.enabled else [])
             if not pairs:
                 t_layers = layers or models.spread_layers(n_t, n_s)
                 pairs = list(zip(range(n_s), t_layers))
@@ -167,7 +169,8 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     if st.lora is not None:
         student = models.apply_lora(student, st.lora)
 
-    info(f"data: {len(train_blocks)} training blocks, {len(eval_blocks)} held-out blocks of {cfg.dataset.max_length} tokens")
+    info(f"data: {len(train_blocks)} training blocks, "
+         f"{len(eval_blocks)} held-out blocks of {cfg.dataset.max_length} tokens")
     return DistillSetup(cfg, teacher, student, tokenizer, task, vocab, train_blocks, eval_blocks, precision, device,
                         t_src.model_id, student_name, layers, t_loc.path, choice.reason, layer_scores=layer_scores)
 
@@ -260,7 +263,8 @@ def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
         return None
     if su.task == "masked":
         raise ConfigError("distillation.teacher_cache: masked-LM distillation masks tokens at random each step, "
-                          "so teacher outputs cannot be reused", hint="turn the cache off for encoders with an MLM head")
+                          "so teacher outputs cannot be reused",
+                          hint="turn the cache off for encoders with an MLM head")
     from entrenar_cli.teacher_cache import TeacherCache, training_schedule
 
     spec = teacher_cache_spec(su)
@@ -367,7 +371,6 @@ def print_plan(p: dict[str, Any]) -> None:
 def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:
     """Distill; returns the summary (also written to summary.json)."""
     from entrenar_cli.console import is_main_process
-
     from entrenar_cli.signals import STOP
 
     out = Path(cfg.output.dir)
@@ -412,12 +415,9 @@ def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:
 
 
 def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, Any]) -> dict[str, Any]:
-    from entrenar_cli import models
-    from entrenar_cli.trainer import Engine, EngineOptions
-
     from entrenar_cli.console import is_main_process
-
     from entrenar_cli.signals import pause_for_tests
+    from entrenar_cli.trainer import Engine, EngineOptions
 
     cfg = su.cfg
     main = is_main_process()
@@ -491,7 +491,8 @@ def _on_eval(out: Path, record: dict[str, Any]) -> None:
 def _fmt_eval(m: dict[str, Any]) -> str:
     parts = []
     for key, label in (("perplexity", "ppl"), ("kl_to_teacher", "KL"), ("agreement", "agreement"),
-                       ("teacher_perplexity", "teacher ppl"), ("embedding_cosine", "cosine"), ("hidden_mse", "hidden MSE")):
+                       ("teacher_perplexity", "teacher ppl"), ("embedding_cosine", "cosine"),
+                       ("hidden_mse", "hidden MSE")):
         if key in m:
             parts.append(f"{label} {m[key]:.4g}")
     return ", ".join(parts)

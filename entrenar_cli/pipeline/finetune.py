@@ -128,7 +128,9 @@ def instruction_encoder(tokenizer: Any, ds: Any) -> Any:
     return encode
 
 
-def _encode_chat(tokenizer: Any, messages: list[dict[str, Any]], assistant_only: bool, key: str) -> tuple[list[int], list[int]]:
+def _encode_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], assistant_only: bool, key: str
+) -> tuple[list[int], list[int]]:
     """Render with the chat template; loss on assistant turns (character spans mapped to tokens)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{key}: chat rows need a tokenizer with a chat template; this one has none",
@@ -218,7 +220,8 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
          + (f"; estimated training memory {human_bytes(estimate)}" if estimate else "")
          + f"; precision {su.precision_reason or su.precision}")
     if opts.dry_run:
-        return {"dry_run": True, "parameters": total, "trainable_parameters": trainable, "estimated_mem_bytes": estimate,
+        return {"dry_run": True, "parameters": total, "trainable_parameters": trainable,
+                "estimated_mem_bytes": estimate,
                 "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
                 "precision": su.precision, "precision_reason": su.precision_reason}
     if main:
