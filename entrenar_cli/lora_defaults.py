@@ -2,7 +2,7 @@
 
 Training (``finetune`` and LoRA students in ``distill``), the memory estimator (``entrenar
 estimate``, :mod:`entrenar_cli.memory`), the YAML schema and the Python API
-(:mod:`entrenar_cli.finetune_config`) all read these, so the estimate counts exactly the adapters a
+(:mod:`entrenar_cli.hf_pipeline`) all read these, so the estimate counts exactly the adapters a
 run trains. Nothing here imports torch, transformers or peft.
 """
 

@@ -474,7 +474,7 @@ def apply_lora(model: nn.Module, settings: Any = None, *, model_type: str | None
     """Wrap ``model`` with peft LoRA adapters; only the adapters train.
 
     ``settings``: anything with ``rank``, ``alpha``, ``dropout`` and ``target_modules`` (the YAML's
-    ``lora`` section, :class:`entrenar_cli.finetune_config.LoRAConfig`); None or a missing field
+    ``lora`` section, :class:`entrenar_cli.hf_pipeline.LoRAConfig`); None or a missing field
     takes :mod:`entrenar_cli.lora_defaults`, the defaults ``entrenar estimate`` counts.
     """
     from peft import LoraConfig, get_peft_model

@@ -288,7 +288,8 @@ def check_manifest(directory: Path, stored: dict[str, Any], wanted: dict[str, An
         raise ConfigError(
             f"teacher cache {directory} has format version {stored.get('version')}; this entrenar reads version "
             f"{wanted.get('version')} ({FORMAT_NAME})",
-            hint="rebuild the cache: entrenar cache CONFIG (or point distillation.teacher_cache.dir at a new directory)")
+            hint="rebuild the cache: entrenar cache CONFIG "
+            "(or point distillation.teacher_cache.dir at a new directory)")
     a, b = _identity(stored), _identity(wanted)
     diff = [k for k in IDENTITY_KEYS if a[k] != b[k]]
     if diff:

@@ -393,7 +393,7 @@ def test_student_parameter_gradients_match_materialised_logits(arch: str) -> Non
     ours = torch.autograd.grad(total, params, allow_unused=True)
     torch.testing.assert_close(total, ref_total, **TOL)
     checked = 0
-    for p, a, r in zip(params, ours, ref):
+    for _p, a, r in zip(params, ours, ref):
         if r is None:
             assert a is None or float(a.abs().max()) == 0.0
             continue

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from entrenar_cli import catalogue, memory
 from entrenar_cli.cli import app
-from entrenar_cli.errors import UsageError
+from entrenar_cli.errors import ConfigError, UsageError
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -169,7 +169,7 @@ def test_default_lora_estimate_counts_the_adapters_training_builds(family: str) 
 
     from entrenar_cli import models
     from entrenar_cli.config.schema import LoRASettings
-    from entrenar_cli.finetune_config import FineTuneConfig, FineTuneMethod
+    from entrenar_cli.hf_pipeline.finetune import FineTuneConfig, FineTuneMethod
 
     cfg = TINY_MODELS[family]
     causal = cfg["architectures"][0].endswith(("ForCausalLM", "LMHeadModel"))
@@ -245,7 +245,8 @@ def test_estimate_orders_and_scales_sensibly() -> None:
     cfg = catalogue.lookup("llama", "7b").config
     full, lora, qlora = (memory.estimate_training(cfg, method=m, seq_len=2048, batch_size=4) for m in memory.METHODS)
     assert qlora.total_bytes < lora.total_bytes < full.total_bytes
-    assert lora.trainable_parameters == qlora.trainable_parameters == 8_388_608  # r=16, q_proj and v_proj
+    # r=16 on q_proj, k_proj, v_proj, o_proj (lora_defaults): 16 x (4096 + 4096) x 4 x 32 layers
+    assert lora.trainable_parameters == qlora.trainable_parameters == 16_777_216
     ckpt = memory.estimate_training(cfg, method="lora", seq_len=2048, batch_size=4, gradient_checkpointing=True)
     assert ckpt.activations_bytes < lora.activations_bytes / 5
     eager = memory.estimate_training(cfg, method="lora", seq_len=2048, batch_size=4, attention="eager")
@@ -464,17 +465,19 @@ def test_catalogue_estimate_is_fast_and_imports_no_torch() -> None:
 
 
 def test_memory_estimate_from_architecture_and_fits_in() -> None:
-    est = memory.MemoryEstimate.from_architecture(memory.Architecture.Llama, 7_000_000_000)
+    from entrenar_cli.hf_pipeline.memory import Architecture, MemoryEstimate
+
+    est = MemoryEstimate.from_architecture(Architecture.Llama, 7_000_000_000)
     assert est.fp32_bytes == 28 * 10**9 and est.fp16_bytes == 14 * 10**9
     assert 3.5e9 < est.int4_bytes < 4.2e9  # NF4 Linear weights, 16-bit embeddings
     assert est.fits_in(16 * 2**30) and not est.fits_in(12 * 2**30)
     assert est.fits_in(4 * 2**30, dtype="int4") and not est.fits_in(4 * 2**30, dtype="fp32")
-    exact = memory.MemoryEstimate.from_architecture(catalogue.lookup("llama", "7b").config)
+    exact = MemoryEstimate.from_architecture(catalogue.lookup("llama", "7b").config)
     assert exact.parameters == PUBLISHED[("llama", "7b")]
 
 
 def test_finetune_config_builder_estimate_memory() -> None:
-    from entrenar_cli.finetune_config import FineTuneConfig, FineTuneMethod, LoRAConfig, MixedPrecision
+    from entrenar_cli.hf_pipeline.finetune import FineTuneConfig, FineTuneMethod, LoRAConfig, MixedPrecision
 
     lora_cfg = LoRAConfig.builder().rank(64).alpha(16.0).target_modules(["q_proj", "k_proj", "v_proj", "o_proj"])
     lora_cfg = lora_cfg.build()
@@ -490,5 +493,5 @@ def test_finetune_config_builder_estimate_memory() -> None:
     by_count = (FineTuneConfig.builder("x").method(FineTuneMethod.LoRA(lora_cfg)).build()
                 .estimate_memory(6_700_000_000))
     assert by_count.reference_model == "llama 7b"
-    with pytest.raises(UsageError):
+    with pytest.raises(ConfigError, match=r"rank\(0\)"):  # the schema's bound, named by the builder call
         LoRAConfig.builder().rank(0).build()

@@ -242,7 +242,8 @@ def test_cache_made_in_one_directory_serves_a_run_in_another_and_verify_finds_da
     result = runner.invoke(app, ["cache", "--verify", str(moved)])
     assert result.exit_code == 1, result.output
     assert f"{shards[0].name}: contents do not match the recorded SHA-256" in result.output
-    assert f"{shards[1].name}: unreadable" in result.output and "blocks of the completed fill are missing" in result.output
+    assert f"{shards[1].name}: unreadable" in result.output
+    assert "blocks of the completed fill are missing" in result.output
     result = runner.invoke(app, ["cache"])
     assert result.exit_code == 2 and "give a CONFIG" in result.output
 
@@ -263,7 +264,8 @@ def test_two_process_fill_equals_one_process_fill(tiny_llama: Path, stdlib_text:
     proc = subprocess.run([sys.executable, "-m", "entrenar_cli", "cache", str(tmp_path / "one.yaml")],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "entrenar_cli", "cache", str(tmp_path / "two.yaml")],
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "entrenar_cli", "cache",
+                           str(tmp_path / "two.yaml")],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, two))

@@ -31,7 +31,8 @@ def cache(
     shard_blocks: Annotated[Optional[int], typer.Option(
         "--shard-blocks", min=1, help="Blocks per shard file (default: about 32 MiB per shard).")] = None,
     rebuild: Annotated[bool, typer.Option(
-        "--rebuild", help="Delete the cache's shards and manifest first (a cache of another format or inputs).")] = False,
+        "--rebuild",
+        help="Delete the cache's shards and manifest first (a cache of another format or inputs).")] = False,
 ) -> None:
     """Precompute the teacher's outputs for a distillation config (resumable; shards under torchrun).
 
@@ -68,7 +69,8 @@ def _verify(directory: Path) -> None:
         raise UsageError(f"--verify {directory}: no such directory")
     r = verify(directory)
     line = (f"{directory}: {r.shards} shards, {r.blocks} blocks, {r.bytes / 2**20:.1f} MiB"
-            + (f" (fill complete: {r.expected_blocks} blocks)" if r.expected_blocks is not None else " (fill not completed)"))
+            + (f" (fill complete: {r.expected_blocks} blocks)" if r.expected_blocks is not None
+               else " (fill not completed)"))
     if r.problems:
         raise EntrenarError(f"teacher cache {directory} failed verification ({len(r.problems)} problems):\n  "
                             + "\n  ".join(r.problems[:20]) + (f"\n  ... {len(r.problems) - 20} more"
