@@ -86,7 +86,8 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tiny_llama: 
     from entrenar_cli.checkpoint import list_checkpoints, load_checkpoint
 
     cfg, out = tmp_path / "k.yaml", tmp_path / "k"
-    cfg.write_text(_yaml(tiny_llama, stdlib_text, out, 30, extra="  save_steps: 1\n"))
+    # 90 steps (one epoch is 98): three kills, each ~0.3 s after two new checkpoints, cannot reach the end
+    cfg.write_text(_yaml(tiny_llama, stdlib_text, out, 90, extra="  save_steps: 1\n"))
     rng = random.Random(0)
     for attempt in range(3):
         before = _latest_step(out)
@@ -106,7 +107,7 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(tiny_llama: 
     proc = _entrenar("distill", str(cfg), "--quiet", "--resume")
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
     assert load_file(str(out / "model.safetensors"))
-    assert json.loads((out / "summary.json").read_text())["steps"] == 30
+    assert json.loads((out / "summary.json").read_text())["steps"] == 90
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path: Path) -> None:
