@@ -189,46 +189,6 @@ def attention_transfer_sum(student_a: Tensor, teacher_a: Tensor, mask: Tensor) -
     return (a_s - a_t).pow(2).flatten(1).sum(-1).sum()
 
 
-# ---- the design document's API -------------------------------------------------------------
-
-
-class DistillationLoss(nn.Module):
-    """Temperature-scaled KD plus hard-label CE, mean over valid tokens.
-
-    >>> DistillationLoss(temperature=4.0, alpha=0.7).forward(student, teacher, labels)
-    """
-
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, kind: str = "forward_kl"):
-        super().__init__()
-        self._temperature = temperature
-        self._alpha = alpha
-        self.kind = kind
-
-    def temperature(self, value: float) -> "DistillationLoss":
-        self._temperature = value
-        return self
-
-    def alpha(self, value: float) -> "DistillationLoss":
-        self._alpha = value
-        return self
-
-    def terms(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """Mean soft term, mean hard term and the weighted total."""
-        labels = torch.as_tensor(labels, device=student_logits.device)
-        t = kd_terms(
-            torch.as_tensor(student_logits, dtype=torch.float32),
-            torch.as_tensor(teacher_logits, dtype=torch.float32),
-            labels,
-            temperature=self._temperature,
-            kind=self.kind,
-        )
-        n = t.count.clamp_min(1)
-        return {"soft": t.soft / n, "hard": t.hard / n, "total": t.total(self._alpha) / n}
-
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
-        return self.terms(student_logits, teacher_logits, labels)["total"]
-
-
 class ProgressiveDistillation(nn.Module):
     """Hidden-state MSE over ``layer_mapping`` pairs ``(student_layer, teacher_layer)``.
 
