@@ -34,7 +34,9 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_llama: Path, 
     from entrenar_cli.pipeline.common import RunOptions
     from entrenar_cli.pipeline.distill import run
 
-    steps, pin = 16, "  mixed_precision: fp32\n"  # compared at fp32 tolerance ('auto' is bf16 on some CPUs)
+    # compared at fp32 tolerance ('auto' is bf16 on some CPUs); 60 steps so that a fast CPU cannot finish
+    # the run between the third logged step and the signal (one epoch is 98 steps)
+    steps, pin = 60, "  mixed_precision: fp32\n"
     run(validate_text(_yaml(tiny_llama, stdlib_text, tmp_path / "a", steps, pin), DistillationYamlConfig, "a.yaml"),
         RunOptions(progress=False))
 
@@ -47,7 +49,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tiny_llama: Path, 
         metrics = out / "metrics.jsonl"
         if metrics.exists() and sum('"train"' in ln for ln in metrics.read_text().splitlines()) >= 3:
             break
-        time.sleep(0.2)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=300)
     err = proc.stderr.read()
