@@ -150,22 +150,14 @@ class DistillationTrainer:
 
     def _check(self) -> int:
         """Layer mappings in range, attention maps available, a shared vocabulary; LoRA applied."""
-        from entrenar_cli.pipeline.distill import _check_mapping
+        from entrenar_cli.pipeline.distill import resolve_layer_mappings
 
         dist, teacher, student = self.config.distillation, self.teacher.model, self.student
         n_s, n_t = models.num_layers(student), models.num_layers(teacher)
-        if dist.progressive.enabled:
-            _check_mapping("TrainerConfig.with_progressive(layer_mapping)", dist.progressive.layer_mapping,
-                           n_s, n_t, True)
+        resolve_layer_mappings(dist, n_s, n_t, self.student_layers,
+                               progressive_name="TrainerConfig.with_progressive(layer_mapping)",
+                               attention_name="TrainerConfig.with_attention_transfer(layer_mapping)")
         if dist.attention.enabled:
-            if dist.attention.layer_mapping is None:
-                # as in `entrenar distill`: the progressive pairs (blocks only), else layers spread evenly
-                pairs = [(s, t) for s, t in dist.progressive.layer_mapping if s >= 0 and t >= 0] \
-                    if dist.progressive.enabled else []
-                dist.attention.layer_mapping = pairs or list(zip(range(n_s), self.student_layers
-                                                                 or models.spread_layers(n_t, n_s)))
-            _check_mapping("TrainerConfig.with_attention_transfer(layer_mapping)", dist.attention.layer_mapping,
-                           n_s, n_t, False)
             for m in (teacher, student):
                 if hasattr(m, "set_attn_implementation"):
                     m.set_attn_implementation("eager")

@@ -81,6 +81,27 @@ def _check_mapping(name: str, mapping: list[tuple[int, int]], n_student: int, n_
                           hint="layer indices are 0-based transformer blocks; -1 is the embedding output")
 
 
+def resolve_layer_mappings(dist: Any, n_student: int, n_teacher: int, teacher_layers: list[int] | None, *,
+                           progressive_name: str = "distillation.progressive.layer_mapping",
+                           attention_name: str = "distillation.attention.layer_mapping") -> None:
+    """Check the hidden-state and attention mappings against the layer counts, filling the attention
+    default in place: the progressive pairs (blocks only), else the student's layers over the teacher's
+    (``teacher_layers`` when the student was built from them, else spread evenly). The names are what
+    error messages call the two mappings (YAML keys here, builder calls in the Python API)."""
+    from entrenar_cli import models
+
+    if dist.progressive.enabled:
+        _check_mapping(progressive_name, dist.progressive.layer_mapping, n_student, n_teacher, True)
+    if dist.attention.enabled:
+        if dist.attention.layer_mapping is None:
+            pairs = ([(s, t) for s, t in dist.progressive.layer_mapping if s >= 0 and t >= 0]
+                     if dist.progressive.enabled else [])
+            if not pairs:
+                pairs = list(zip(range(n_student), teacher_layers or models.spread_layers(n_teacher, n_student)))
+            dist.attention.layer_mapping = pairs
+        _check_mapping(attention_name, dist.attention.layer_mapping, n_student, n_teacher, False)
+
+
 def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     """Load teacher, tokenizer, student and data; check that they fit together."""
     import torch
@@ -143,18 +164,7 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
 
     dist = cfg.distillation
     n_s, n_t = models.num_layers(student), models.num_layers(teacher)
-    if dist.progressive.enabled:
-        _check_mapping("distillation.progressive.layer_mapping", dist.progressive.layer_mapping, n_s, n_t, True)
-    if dist.attention.enabled:
-        if dist.attention.layer_mapping is None:
-            # default: the progressive mapping (blocks only), else the student's layers spread over the teacher's
-            pairs = ([(s, t) for s, t in dist.progressive.layer_mapping if s >= 0 and t >= 0]
-                     if dist.progressive.enabled else [])
-            if not pairs:
-                t_layers = layers or models.spread_layers(n_t, n_s)
-                pairs = list(zip(range(n_s), t_layers))
-            dist.attention.layer_mapping = pairs
-        _check_mapping("distillation.attention.layer_mapping", dist.attention.layer_mapping, n_s, n_t, False)
+    resolve_layer_mappings(dist, n_s, n_t, layers)
     if task == "base" and not (dist.progressive.enabled or dist.attention.enabled or dist.embedding.enabled):
         raise ConfigError(
             "the teacher has no language-model head, so there are no logits to distill",
