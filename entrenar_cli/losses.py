@@ -36,8 +36,12 @@ SKEW = 0.1
 _LOG_SKEW, _LOG_1M_SKEW = math.log(SKEW), math.log(1.0 - SKEW)
 
 
-def _divergence(s_logp: Tensor, t_logp: Tensor, kind: str) -> Tensor:
-    """Per-row divergence between student and teacher log-probabilities. [n, V] -> [n]."""
+def _divergence(s_logp: Tensor, t_logp: Tensor, kind: str, beta: float = 0.5) -> Tensor:
+    """Per-row divergence between student and teacher log-probabilities. [n, V] -> [n].
+
+    ``beta`` weighs the teacher in JSD's mixture ``m = beta * q + (1 - beta) * p`` (TRL/GKD convention):
+    ``beta * KL(q || m) + (1 - beta) * KL(p || m)``; 0.5 is the symmetric Jensen-Shannon divergence.
+    """
     if kind == "forward_kl":  # KL(teacher || student)
         return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
     if kind == "reverse_kl":  # KL(student || teacher)
@@ -45,9 +49,10 @@ def _divergence(s_logp: Tensor, t_logp: Tensor, kind: str) -> Tensor:
     if kind == "skew_kl":  # KL(teacher || l*teacher + (1-l)*student), DistiLLM (Ko et al. 2024), l = SKEW
         m_logp = torch.logaddexp(t_logp + _LOG_SKEW, s_logp + _LOG_1M_SKEW)
         return (t_logp.exp() * (t_logp - m_logp)).sum(-1)
-    if kind == "jsd":  # Jensen-Shannon with equal weights
-        m_logp = torch.logsumexp(torch.stack([s_logp, t_logp]), dim=0) - torch.log(torch.tensor(2.0))
-        return 0.5 * ((t_logp.exp() * (t_logp - m_logp)).sum(-1) + (s_logp.exp() * (s_logp - m_logp)).sum(-1))
+    if kind == "jsd":
+        m_logp = torch.logaddexp(t_logp + math.log(beta), s_logp + math.log1p(-beta))
+        to_teacher = (t_logp.exp() * (t_logp - m_logp)).sum(-1)
+        return beta * to_teacher + (1 - beta) * (s_logp.exp() * (s_logp - m_logp)).sum(-1)
     raise ValueError(f"unknown kd_loss {kind!r}")
 
 
@@ -74,6 +79,7 @@ def kd_terms(
     need_hard: bool = True,
     teacher_topk: tuple[Tensor, Tensor, Tensor] | None = None,
     chunk_tokens: int = KD_CHUNK_TOKENS,
+    beta: float = 0.5,
 ) -> KDTerms:
     """Soft (KD) and hard (CE) sums over tokens whose label is not IGNORE_INDEX.
 
@@ -106,7 +112,7 @@ def kd_terms(
                                       tk_tail.index_select(0, rows), temperature)
             else:
                 t = t_flat.index_select(0, rows).float()[:, :vocab]
-                div = _divergence(s_logp, F.log_softmax(t / temperature, dim=-1), kind)
+                div = _divergence(s_logp, F.log_softmax(t / temperature, dim=-1), kind, beta)
             soft = soft + (temperature**2) * div.sum()
     count = torch.tensor(float(valid.numel()), device=student_logits.device)
     return KDTerms(soft=soft, hard=hard, count=count)

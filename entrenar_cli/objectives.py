@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from entrenar_cli.losses import (
     IGNORE_INDEX,
     AttentionTransfer,
+    KDTerms,
     ProgressiveDistillation,
     embedding_cosine_sum,
     fused_forward_kd,
@@ -22,6 +23,8 @@ from entrenar_cli.losses import (
 )
 
 MLM_PROBABILITY = 0.15
+# tokens of the first batch the once-per-run head check runs on
+_HEAD_CHECK_TOKENS = 16
 
 
 def _forward_kwargs(batch: dict[str, Tensor], hidden: bool, attentions: bool) -> dict[str, Any]:
@@ -53,6 +56,93 @@ def mask_tokens(batch: dict[str, Tensor], tokenizer_info: dict[str, int], vocab:
     return {"input_ids": ids, "attention_mask": batch["attention_mask"], "labels": labels}
 
 
+def logits_budget(training: Any) -> int | None:
+    """Bytes for one chunk of logit temporaries from training settings; None: materialise logits."""
+    if not getattr(training, "chunked_logits", True):
+        return None
+    return int(getattr(training, "logits_budget_mb", 256)) * 2**20
+
+
+def planned_logit_path(training: Any, models: dict[str, nn.Module]) -> str:
+    """What the plan says about logit losses before the first step (the run re-checks on its first batch)."""
+    path = LogitPath(logits_budget(training))
+    if getattr(training, "compile", False):
+        path.compiled()
+    elif path.enabled:
+        path.static_check(models)
+    return path.note
+
+
+class LogitPath:
+    """Whether a run's logit losses go chunk by chunk over tokens (chunked_losses.py), and why not.
+
+    The chunked path never forms a ``[tokens x vocab]`` tensor; it needs each model's output head as a
+    plain linear map (:func:`chunked_losses.output_head`) that reproduces the model's own logits, which
+    is checked once on a few tokens of the first batch. Anything else (a quantised or LoRA-wrapped head,
+    a compiled model, an architecture that post-processes logits in a way we do not know, a sharded
+    model whose head weight is a shard) keeps today's materialised logits, and :attr:`note` says why.
+    """
+
+    def __init__(self, budget_bytes: int | None):
+        self.budget = budget_bytes
+        self.enabled = budget_bytes is not None
+        self.checked = False
+        self.note = "full logits (training.chunked_logits: false)" if budget_bytes is None else ""
+        self.heads: dict[str, Any] = {}
+
+    def static_check(self, models: dict[str, nn.Module]) -> bool:
+        """Heads found (no forward run): what the plan can promise before the first step."""
+        from entrenar_cli.chunked_losses import output_head
+
+        if not self.enabled:
+            return False
+        for name, m in models.items():
+            if getattr(m, "_entrenar_sharded", False):
+                return self._off(f"the {name} is sharded (FSDP): its head weight is a shard outside forward")
+            head = output_head(m)
+            if head is None:
+                return self._off(f"the {name}'s output head is not a plain linear layer")
+            self.heads[name] = head
+        self.note = f"chunked over tokens (budget {self.budget // 2**20} MiB of logits per chunk)"
+        return True
+
+    def compiled(self) -> None:
+        self._off("torch.compile is on (the chunked loss swaps the head's forward, which a compiled graph fixes)")
+
+    def _off(self, why: str) -> bool:
+        self.enabled = False
+        self.checked = True
+        self.note = f"full logits: {why}"
+        return False
+
+    def check(self, models: dict[str, nn.Module], batch: dict[str, Tensor]) -> bool:
+        """Once per run, on the first batch: each head reproduces its model's logits, else fall back."""
+        from entrenar_cli.chunked_losses import head_matches
+
+        if self.checked:
+            return self.enabled
+        self.checked = True
+        if not self.static_check(models):
+            return False
+        small = {k: v[:1, :_HEAD_CHECK_TOKENS] for k, v in batch.items()
+                 if k in ("input_ids", "attention_mask") and isinstance(v, Tensor)}
+        for name, m in models.items():
+            was_training = m.training
+            m.eval()  # dropout would make the two forwards differ
+            try:
+                with torch.autocast(small["input_ids"].device.type, enabled=False):
+                    ok = head_matches(m, self.heads[name], **_forward_kwargs(small, False, False))
+            finally:
+                m.train(was_training)
+            if not ok:
+                return self._off(f"the {name}'s head does not reproduce its logits (unknown post-processing)")
+        from entrenar_cli.console import is_main_process, out
+
+        if is_main_process():
+            out.print(f"logit losses: {self.note}")
+        return True
+
+
 def _block_outputs(hidden_states: tuple[Tensor, ...]) -> list[Tensor]:
     """Per-block outputs indexed 0..n-1, with the embedding output at index -1.
 
@@ -65,28 +155,37 @@ def _block_outputs(hidden_states: tuple[Tensor, ...]) -> list[Tensor]:
 class LMObjective:
     """Plain next-token (or masked-token) cross-entropy: fine-tuning and the CE-only baseline."""
 
-    def __init__(self, task: str = "causal", vocab: int | None = None, mlm_info: dict[str, int] | None = None):
+    def __init__(self, task: str = "causal", vocab: int | None = None, mlm_info: dict[str, int] | None = None,
+                 logits_budget: int | None = None):
         self.task = task
         self.vocab = vocab
         self.mlm_info = mlm_info
+        self.logit_path = LogitPath(logits_budget)
 
     def _prepare(self, batch: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
         if self.task == "masked" and self.mlm_info is not None:
             return mask_tokens(batch, self.mlm_info, self.vocab or model.config.vocab_size)
         return batch
 
+    def _ce(self, model: nn.Module, batch: dict[str, Tensor]) -> KDTerms:
+        kwargs = _forward_kwargs(batch, False, False)
+        if self.logit_path.check({"model": model}, batch):
+            from entrenar_cli.chunked_losses import chunked_ce, final_hidden, output_head
+
+            hidden, _ = final_hidden(model, **kwargs)
+            # all of the head's rows, as the materialised path's cross-entropy uses
+            hard, terms = chunked_ce(hidden, output_head(model), batch["labels"], budget_bytes=self.logit_path.budget)
+            return KDTerms(soft=terms.soft, hard=hard, count=terms.count)  # hard: the sum with its gradient
+        return kd_terms(model(**kwargs).logits, None, batch["labels"], need_soft=False)
+
     def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        batch = self._prepare(batch, model)
-        logits = model(**_forward_kwargs(batch, False, False)).logits
-        terms = kd_terms(logits, None, batch["labels"], need_soft=False)
-        return {"loss": terms.hard, "loss_ce": terms.hard, "tokens": terms.count}
+        terms = self._ce(model, self._prepare(batch, model))
+        return {"loss": terms.hard, "loss_ce": terms.hard.detach(), "tokens": terms.count}
 
     def evaluate(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         ce = n = 0.0
         for batch in batches:
-            batch = self._prepare(batch, model)
-            logits = model(**_forward_kwargs(batch, False, False)).logits
-            t = kd_terms(logits, None, batch["labels"], need_soft=False)
+            t = self._ce(model, self._prepare(batch, model))
             ce += float(t.hard)
             n += float(t.count)
         mean = ce / max(1.0, n)
@@ -99,7 +198,8 @@ class LMObjective:
         """Nothing to move: the engine moves the model."""
 
     def compile(self) -> None:
-        """Nothing to compile: the engine compiles the model."""
+        """Nothing to compile: the engine compiles the model; the chunked loss steps aside."""
+        self.logit_path.compiled()
 
 
 class DistillObjective:
@@ -107,7 +207,7 @@ class DistillObjective:
 
     def __init__(self, teacher: nn.Module, settings: Any, *, task: str, vocab: int,
                  student_dim: int, teacher_dim: int, mlm_info: dict[str, int] | None = None,
-                 cache: Any = None):
+                 cache: Any = None, logits_budget: int | None = None):
         from entrenar_cli.models import num_layers
 
         self.teacher = teacher.eval().requires_grad_(False)
@@ -128,6 +228,8 @@ class DistillObjective:
         self.attention = AttentionTransfer(settings.attention.layer_mapping) if self.need_attn else None
         # optional precomputed teacher outputs (entrenar_cli.teacher_cache.TeacherCache)
         self.cache = cache
+        self.beta = getattr(settings, "jsd_beta", 0.5)
+        self.logit_path = LogitPath(logits_budget if self.use_logits else None)
         self._teacher_eval: dict[str, float] | None = None
         self.progress = 0.0  # fraction of the run done, set by the engine before each step
 
@@ -156,6 +258,12 @@ class DistillObjective:
 
     def compile(self) -> None:
         self.teacher.compile()
+        self.logit_path.compiled()
+
+    def _chunked(self, model: nn.Module, batch: dict[str, Tensor]) -> bool:
+        # a callable that is not a module (hf_pipeline's compute_loss on given logits) has no head to chunk
+        return self.use_logits and isinstance(model, nn.Module) and \
+            self.logit_path.check({"student": model, "teacher": self.teacher}, batch)
 
     def _prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.task == "masked" and self.mlm_info is not None:
@@ -166,6 +274,13 @@ class DistillObjective:
     def _teacher(self, batch: dict[str, Tensor]) -> Any:
         # no_grad, not inference_mode: the teacher's outputs enter the student's loss as constants
         return self.teacher(**_forward_kwargs(batch, self.need_hidden, self.need_attn))
+
+    @torch.no_grad()
+    def _teacher_hidden(self, batch: dict[str, Tensor], hidden: bool, attentions: bool) -> tuple[Tensor, Any]:
+        """(states entering the teacher's head, its output without logits)."""
+        from entrenar_cli.chunked_losses import final_hidden
+
+        return final_hidden(self.teacher, **_forward_kwargs(batch, hidden, attentions))
 
     def _cached_teacher(self, batch: dict[str, Tensor]) -> tuple[Any, Any, Any]:
         """(top-k triple, hidden blocks, attention maps) from the cache, filling it on a miss."""
@@ -185,30 +300,49 @@ class DistillObjective:
 
     def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         batch = self._prepare(batch)
+        chunked = self._chunked(model, batch)
+        t_logits = t_head_in = None
+        topk = None
         if self.cache is not None and "block_ids" in batch:
             topk, t_hidden, t_attn = self._cached_teacher(batch)
-            t_logits = None
         else:
-            t_out = self._teacher(batch)
-            topk = None
-            t_logits = t_out.logits[..., : self.vocab] if self.use_logits else None
+            if chunked:
+                t_head_in, t_out = self._teacher_hidden(batch, self.need_hidden, self.need_attn)
+            else:
+                t_out = self._teacher(batch)
+                t_logits = t_out.logits[..., : self.vocab] if self.use_logits else None
             t_hidden = _block_outputs(t_out.hidden_states) if self.need_hidden else None
             t_attn = t_out.attentions if self.need_attn else None
-        s_out = model(**_forward_kwargs(batch, self.need_hidden, self.need_attn))
+        kwargs = _forward_kwargs(batch, self.need_hidden, self.need_attn)
+        if chunked:
+            from entrenar_cli.chunked_losses import final_hidden
+
+            s_head_in, s_out = final_hidden(model, **kwargs)
+        else:
+            s_out = model(**kwargs)
         mask = batch["attention_mask"].float()
         out: dict[str, Tensor] = {}
         loss = torch.zeros((), device=mask.device)
         if self.use_logits:
-            s_logits = s_out.logits[..., : self.vocab]
             alpha = self.alpha
             need_soft = alpha > 0
-            if need_soft and topk is None and self.s.kd_loss == "forward_kl":
-                # the default path: fused loss+gradient, one (tokens x vocab) buffer (see losses.py)
+            if chunked:
+                from entrenar_cli.chunked_losses import chunked_kd_loss, output_head
+
+                total, terms = chunked_kd_loss(
+                    s_head_in, output_head(model), batch["labels"], teacher_hidden=t_head_in,
+                    teacher_head=output_head(self.teacher) if t_head_in is not None else None, teacher_topk=topk,
+                    temperature=self.s.temperature, alpha=alpha, kind=self.s.kd_loss, beta=self.beta,
+                    vocab=self.vocab, budget_bytes=self.logit_path.budget)
+            elif need_soft and topk is None and self.s.kd_loss == "forward_kl":
+                s_logits = s_out.logits[..., : self.vocab]
+                # fused loss+gradient, one (tokens x vocab) buffer (see losses.py)
                 total, terms = fused_forward_kd(s_logits, t_logits, batch["labels"],
                                                 temperature=self.s.temperature, alpha=alpha)
             else:
-                terms = kd_terms(s_logits, t_logits, batch["labels"], temperature=self.s.temperature,
-                                 kind=self.s.kd_loss, need_soft=need_soft, need_hard=True, teacher_topk=topk)
+                terms = kd_terms(s_out.logits[..., : self.vocab], t_logits, batch["labels"],
+                                 temperature=self.s.temperature, kind=self.s.kd_loss, need_soft=need_soft,
+                                 need_hard=True, teacher_topk=topk, beta=self.beta)
                 total = terms.total(alpha)
             loss = loss + total
             if need_soft:
@@ -250,10 +384,20 @@ class DistillObjective:
                 batch = self._prepare(batch)
                 need_h = self.need_hidden or not self.use_logits
                 kwargs = _forward_kwargs(batch, need_h, False)
-                t_out = self.teacher(**kwargs)
-                s_out = model(**kwargs)
                 mask = batch["attention_mask"].float()
-                if self.use_logits:
+                if self.use_logits and self._chunked(model, batch):
+                    from entrenar_cli.chunked_losses import chunked_eval_sums, final_hidden, output_head
+
+                    t_in, t_out = final_hidden(self.teacher, **kwargs)
+                    s_in, s_out = final_hidden(model, **kwargs)
+                    sums = chunked_eval_sums(s_in, output_head(model), t_in, output_head(self.teacher),
+                                             batch["labels"], vocab=self.vocab, budget_bytes=self.logit_path.budget)
+                    for k, v in (("ce", sums.ce), ("kl", sums.kl), ("agree", sums.agree), ("n", sums.count)):
+                        totals[k] = totals.get(k, 0.0) + float(v)
+                    teacher_ce += float(sums.teacher_ce)
+                elif self.use_logits:
+                    t_out = self.teacher(**kwargs)
+                    s_out = model(**kwargs)
                     s_logits = s_out.logits[..., : self.vocab].float()
                     t_logits = t_out.logits[..., : self.vocab].float()
                     labels = batch["labels"]
@@ -264,6 +408,9 @@ class DistillObjective:
                     for k, v in (("ce", st.hard), ("kl", st.soft), ("agree", agree), ("n", st.count)):
                         totals[k] = totals.get(k, 0.0) + float(v)
                     teacher_ce += float(tt.hard)
+                else:
+                    t_out = self.teacher(**kwargs)
+                    s_out = model(**kwargs)
                 if need_h:
                     s_last = s_out.hidden_states[-1].float()
                     t_last = t_out.hidden_states[-1].float()

@@ -283,6 +283,11 @@ class DistillationSettings(Section):
         "forward_kl", description="Divergence: KL(teacher||student), KL(student||teacher), Jensen-Shannon, or skew "
         "KL(teacher || 0.1 teacher + 0.9 student) (DistiLLM)."
     )
+    jsd_beta: float = Field(
+        0.5, gt=0, lt=1,
+        description="kd_loss jsd only: the teacher's weight in the mixture beta*teacher + (1-beta)*student "
+        "(0.5: symmetric Jensen-Shannon; TRL/GKD convention).",
+    )
     alpha_end: float | None = Field(
         None, ge=0, le=1,
         description="Anneal the KD weight linearly from alpha at the first step to alpha_end at the last "
@@ -326,6 +331,16 @@ class TrainingSettings(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     compile: bool = Field(
         False, description="torch.compile the student and the teacher (GPUs; the first steps compile)."
+    )
+    chunked_logits: bool = Field(
+        True, description="Compute logit losses (KD, CE, evaluation) from the final hidden states a chunk of tokens at "
+        "a time, so no [tokens x vocabulary] logits exist whole; false materialises them (the plan says which path "
+        "runs, and why when a model's head cannot be separated).",
+    )
+    logits_budget_mb: int = Field(
+        256, ge=1, le=1 << 20,
+        description="Memory for one chunk's logit temporaries (MiB): the chunk size follows from it and the "
+        "vocabulary.",
     )
     eval_steps: int | None = Field(
         None, gt=0, le=MAX_STEPS, description="Evaluate every N optimizer steps (and at the end)."

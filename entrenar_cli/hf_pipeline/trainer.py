@@ -107,12 +107,12 @@ class DistillationTrainer:
         self.teacher = teacher
         self.student, self.student_layers = self._build_student()
         self.vocab = self._check()
-        from entrenar_cli.objectives import DistillObjective
+        from entrenar_cli.objectives import DistillObjective, logits_budget
 
         self.objective = DistillObjective(
             teacher.model, self.config.distillation, task=teacher.task, vocab=self.vocab,
             student_dim=models.hidden_size(self.student), teacher_dim=models.hidden_size(teacher.model),
-            mlm_info=self._mlm_info())
+            mlm_info=self._mlm_info(), logits_budget=logits_budget(self.config.training))
         self._engine: Any = None
         self._engine_key: Any = None
         self._state = TrainerState()

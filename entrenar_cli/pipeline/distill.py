@@ -207,11 +207,11 @@ def _layer_scores(teacher: Any, blocks: Any, length: int) -> list[float]:
 
 def build_objective(su: DistillSetup, cache: Any = None) -> Any:
     from entrenar_cli import models
-    from entrenar_cli.objectives import DistillObjective
+    from entrenar_cli.objectives import DistillObjective, logits_budget
 
     return DistillObjective(su.teacher, su.cfg.distillation, task=su.task, vocab=su.vocab,
                             student_dim=models.hidden_size(su.student), teacher_dim=models.hidden_size(su.teacher),
-                            mlm_info=_mlm_info(su), cache=cache)
+                            mlm_info=_mlm_info(su), cache=cache, logits_budget=logits_budget(su.cfg.training))
 
 
 def teacher_cache_spec(su: DistillSetup) -> dict[str, Any]:
@@ -302,6 +302,7 @@ def _mlm_info(su: DistillSetup) -> dict[str, int] | None:
 def plan(su: DistillSetup) -> dict[str, Any]:
     """The resolved plan printed by --dry-run and stored in the summary."""
     from entrenar_cli import models
+    from entrenar_cli.objectives import planned_logit_path
 
     t_params, _ = models.count_parameters(su.teacher)
     s_params, s_train = models.count_parameters(su.student)
@@ -324,6 +325,8 @@ def plan(su: DistillSetup) -> dict[str, Any]:
         "precision": su.precision, "precision_reason": su.precision_reason, "device": str(su.device),
         "vocab": su.vocab,
         "estimated_mem_bytes": estimate,
+        "logit_loss": planned_logit_path(tr, {"student": su.student, "teacher": su.teacher})
+        if su.task in ("causal", "masked") else "",
     }
 
 
@@ -376,6 +379,8 @@ def print_plan(p: dict[str, Any]) -> None:
               f"{p['train_blocks']} train / {p['eval_blocks']} held-out blocks on {p['device']}"
               + (f", estimated training memory {human_bytes(est)}" if est else "")
               + f"; precision {p.get('precision_reason') or p['precision']}")
+    if p.get("logit_loss"):
+        out.print(f"logit losses: {p['logit_loss']}")
 
 
 def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:
@@ -572,15 +577,16 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions, p: dict[str, Any]) -> dict[str, Any]:
     """The same student, initialisation, data and steps, trained with plain cross-entropy."""
-    from entrenar_cli.objectives import LMObjective
+    from entrenar_cli.objectives import LMObjective, logits_budget
     from entrenar_cli.pipeline.common import log_event
     from entrenar_cli.trainer import Engine, EngineOptions
 
     info("baseline: training the same student with cross-entropy only (no teacher)")
     prepare_output_dir(out, RunOptions(overwrite=True))
     start_event(out, "baseline", su.cfg)
-    engine = Engine(su.cfg.training, init, LMObjective(su.task, su.vocab, _mlm_info(su)), su.train_blocks,
-                    su.eval_blocks, EngineOptions(output_dir=out, run="baseline", progress=opts.progress),
+    objective = LMObjective(su.task, su.vocab, _mlm_info(su), logits_budget(su.cfg.training))
+    engine = Engine(su.cfg.training, init, objective, su.train_blocks, su.eval_blocks,
+                    EngineOptions(output_dir=out, run="baseline", progress=opts.progress),
                     pad_token_id=su.tokenizer.pad_token_id or 0)
     result = engine.train()
     model = engine.accelerator.unwrap_model(engine.model).eval()

@@ -216,12 +216,16 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
     su = setup(cfg)
     total, trainable = models.count_parameters(su.model)
     estimate = _estimate(su)
+    from entrenar_cli.objectives import planned_logit_path
+
+    logit_path = planned_logit_path(cfg.training, {"model": su.model}) if su.task in ("causal", "masked") else ""
     info(f"parameters {total:,}, trainable {trainable:,} ({100 * trainable / max(1, total):.2f}%)"
          + (f"; estimated training memory {human_bytes(estimate)}" if estimate else "")
-         + f"; precision {su.precision_reason or su.precision}")
+         + f"; precision {su.precision_reason or su.precision}"
+         + (f"; logit losses: {logit_path}" if logit_path else ""))
     if opts.dry_run:
         return {"dry_run": True, "parameters": total, "trainable_parameters": trainable,
-                "estimated_mem_bytes": estimate,
+                "estimated_mem_bytes": estimate, "logit_loss": logit_path,
                 "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
                 "precision": su.precision, "precision_reason": su.precision_reason}
     if main:
@@ -246,7 +250,7 @@ def _train_and_save(su: FineTuneSetup, out: Path, opts: RunOptions, total: int, 
                     estimate: int | None) -> dict[str, Any]:
     """Train, then save the model and the summary (exit 1 with a checkpoint when interrupted)."""
     from entrenar_cli.console import is_main_process
-    from entrenar_cli.objectives import LMObjective
+    from entrenar_cli.objectives import LMObjective, logits_budget
     from entrenar_cli.signals import pause_for_tests
     from entrenar_cli.trainer import Engine, EngineOptions
 
@@ -260,7 +264,8 @@ def _train_and_save(su: FineTuneSetup, out: Path, opts: RunOptions, total: int, 
     mlm = None
     if su.task == "masked" and su.tokenizer.mask_token_id is not None:
         mlm = {"cls": su.tokenizer.cls_token_id, "sep": su.tokenizer.sep_token_id, "mask": su.tokenizer.mask_token_id}
-    engine = Engine(cfg.training, su.model, LMObjective(su.task, None, mlm), su.train_blocks, su.eval_blocks,
+    objective = LMObjective(su.task, None, mlm, logits_budget(cfg.training))
+    engine = Engine(cfg.training, su.model, objective, su.train_blocks, su.eval_blocks,
                     EngineOptions(output_dir=out, run="finetune", resume=opts.resume, progress=opts.progress,
                                   keep_checkpoints=cfg.output.save_total_limit,
                                   on_eval=lambda r: _on_eval(out, r)),
