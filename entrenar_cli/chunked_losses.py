@@ -46,18 +46,12 @@ import torch
 from torch import Tensor, nn
 
 from entrenar_cli import losses as _losses
+from entrenar_cli.chunking import DEFAULT_BUDGET_BYTES, chunk_rows
 from entrenar_cli.losses import IGNORE_INDEX, KDTerms
 
-# Default memory budget for one chunk's fp32 [rows x vocab] temporaries.
-DEFAULT_BUDGET_BYTES = 256 * 2**20
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl")
 # skew KL's teacher share (losses.SKEW: DistiLLM's 0.1)
 SKEW: float = getattr(_losses, "SKEW", 0.1)
-# fp32 [rows x vocab] buffers alive at once at the peak of a chunk: student logits, student log-probs,
-# teacher log-probs, teacher probs or the JSD mixture, a transient of logsumexp/logaddexp, the matmul's
-# output before its fp32 upcast (half a buffer in bf16), and one spare. CE alone needs fewer.
-_BUFFERS_KD = 7
-_BUFFERS_CE = 3
 # top-k tail clamp of losses.topk_divergence (the student's tail mass is 1 - sum(top-k), floored)
 _TAIL_MAX = 1 - 1e-6
 
@@ -69,12 +63,6 @@ class OutputHead(NamedTuple):
     bias: Tensor | None = None  # [V]
     softcap: float | None = None  # cap * tanh(x / cap) after scaling
     scale: float | None = None  # multiplier before soft-capping
-
-
-def chunk_rows(vocab: int, budget_bytes: int = DEFAULT_BUDGET_BYTES, *, teacher: bool = True) -> int:
-    """Tokens per chunk so that one chunk's fp32 ``[rows x vocab]`` temporaries fit ``budget_bytes``."""
-    buffers = _BUFFERS_KD if teacher else _BUFFERS_CE
-    return max(1, int(budget_bytes) // (4 * buffers * max(1, vocab)))
 
 
 def head_logits(hidden: Tensor, head: OutputHead, vocab: int | None = None) -> Tensor:

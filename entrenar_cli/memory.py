@@ -185,6 +185,7 @@ def estimate_training(
     lora_dropout: float = lora_defaults.DROPOUT,
     gradient_accumulation: int = 1,
     device: str = "cuda",
+    logits_budget: int | None = None,
 ) -> TrainingEstimate:
     """Modelled peak memory of training ``config`` (bytes, with its components).
 
@@ -194,7 +195,9 @@ def estimate_training(
     targets training uses (:mod:`entrenar_cli.lora_defaults`).
     ``teacher_config`` adds a frozen distillation teacher. ``device`` only changes dropout masks
     and the optimizer's temporaries (CUDA: bool masks, foreach AdamW; CPU: dtype masks,
-    per-tensor AdamW). Raises UsageError for invalid settings.
+    per-tensor AdamW). ``logits_budget``: bytes of one chunk of the chunked logit losses (what
+    entrenar runs by default, training.logits_budget_mb); None counts materialised logits.
+    Raises UsageError for invalid settings.
     """
     settings = _settings(
         method=method,
@@ -210,6 +213,7 @@ def estimate_training(
         gradient_accumulation=gradient_accumulation,
         attention=attention,
         device=device,
+        logits_budget=logits_budget,
     )
     layout = layout_for(config)
     teacher = None

@@ -56,15 +56,10 @@ def mask_tokens(batch: dict[str, Tensor], tokenizer_info: dict[str, int], vocab:
     return {"input_ids": ids, "attention_mask": batch["attention_mask"], "labels": labels}
 
 
-def logits_budget(training: Any) -> int | None:
-    """Bytes for one chunk of logit temporaries from training settings; None: materialise logits."""
-    if not getattr(training, "chunked_logits", True):
-        return None
-    return int(getattr(training, "logits_budget_mb", 256)) * 2**20
-
-
 def planned_logit_path(training: Any, models: dict[str, nn.Module]) -> str:
     """What the plan says about logit losses before the first step (the run re-checks on its first batch)."""
+    from entrenar_cli.chunking import logits_budget
+
     path = LogitPath(logits_budget(training))
     if getattr(training, "compile", False):
         path.compiled()
@@ -103,7 +98,9 @@ class LogitPath:
             if head is None:
                 return self._off(f"the {name}'s output head is not a plain linear layer")
             self.heads[name] = head
-        self.note = f"chunked over tokens (budget {self.budget // 2**20} MiB of logits per chunk)"
+        from entrenar_cli.fsutil import human_bytes
+
+        self.note = f"chunked over tokens (budget {human_bytes(self.budget)} of logits per chunk)"
         return True
 
     def compiled(self) -> None:
@@ -135,11 +132,12 @@ class LogitPath:
             finally:
                 m.train(was_training)
             if not ok:
-                return self._off(f"the {name}'s head does not reproduce its logits (unknown post-processing)")
-        from entrenar_cli.console import is_main_process, out
+                self._off(f"the {name}'s head does not reproduce its logits (unknown post-processing)")
+                from entrenar_cli.console import is_main_process, warn
 
-        if is_main_process():
-            out.print(f"logit losses: {self.note}")
+                if is_main_process():  # the plan promised the chunked path
+                    warn(f"logit losses: {self.note}")
+                return False
         return True
 
 

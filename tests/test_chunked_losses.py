@@ -462,3 +462,154 @@ def test_unseparable_head_is_none() -> None:
 
     lora_head = get_peft_model(_tiny("llama", 6), LoraConfig(r=2, target_modules=["lm_head"]))
     assert output_head(lora_head) is None  # a LoRA-wrapped head is not a plain matrix
+
+
+# ---- wired into the objectives: the run's losses are the materialised path's ---------------------
+
+
+def _objective_pair(arch: str, **settings: Any) -> tuple[Any, Any, torch.nn.Module]:
+    from entrenar_cli.config.schema import DistillationSettings
+    from entrenar_cli.objectives import DistillObjective
+
+    teacher, student = _tiny(arch, 1), _tiny(arch, 2).train()
+    s = DistillationSettings(**settings)
+    dim = student.config.hidden_size if hasattr(student.config, "hidden_size") else student.config.n_embd
+    make = lambda budget: DistillObjective(teacher, s, task="masked" if arch == "bert" else "causal",  # noqa: E731
+                                           vocab=VOCAB_M - 3, student_dim=dim, teacher_dim=dim, logits_budget=budget)
+    return make(None), make(4 * 7 * VOCAB_M * 5), student  # 5 rows per chunk: several chunks per batch
+
+
+def _terms_and_grads(objective: Any, student: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[dict, dict]:
+    student.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # dropout
+    terms = objective.loss_terms(student, batch)
+    terms["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in terms.items()}, grads
+
+
+def _trimmed_batch(seed: int) -> dict[str, Tensor]:
+    """Labels inside the compared vocabulary (VOCAB_M - 3 rows: the models' last rows are padding)."""
+    batch = _batch(seed)
+    labels = batch["labels"]
+    batch["labels"] = torch.where(labels == IGNORE_INDEX, labels, labels % (VOCAB_M - 3))
+    return batch
+
+
+@pytest.mark.parametrize("arch,kind,T,alpha", [
+    ("llama", "forward_kl", 2.0, 0.5), ("llama", "reverse_kl", 1.0, 1.0), ("llama", "jsd", 2.0, 0.3),
+    ("llama", "skew_kl", 1.0, 0.5), ("gpt2", "forward_kl", 1.0, 0.5), ("gemma2", "reverse_kl", 2.0, 0.5),
+])
+def test_distill_objective_chunked_equals_materialised(arch: str, kind: str, T: float, alpha: float) -> None:
+    full, chunked, student = _objective_pair(arch, kd_loss=kind, temperature=T, alpha=alpha)
+    batch = _trimmed_batch(3)
+    ref_terms, ref_grads = _terms_and_grads(full, student, batch)
+    terms, grads = _terms_and_grads(chunked, student, batch)
+    assert full.logit_path.note.startswith("full logits") and chunked.logit_path.note.startswith("chunked")
+    assert terms.keys() == ref_terms.keys() and terms["tokens"] == ref_terms["tokens"] == 17
+    for k in ref_terms:
+        assert terms[k] == pytest.approx(ref_terms[k], rel=1e-5, abs=1e-5), k
+    assert grads.keys() == ref_grads.keys() and len(grads) > 5
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+    # held-out metrics through the chunked evaluation (the engine evaluates without dropout)
+    student.eval()
+    ev, ev_ref = chunked.evaluate(student, [_trimmed_batch(4)]), full.evaluate(student, [_trimmed_batch(4)])
+    assert ev.keys() == ev_ref.keys() and {"perplexity", "kl_to_teacher", "agreement"} <= ev.keys()
+    for k in ev_ref:
+        assert ev[k] == pytest.approx(ev_ref[k], rel=1e-5, abs=1e-6), k
+
+
+def test_jsd_beta_reaches_both_paths() -> None:
+    results = []
+    for beta in (0.5, 0.9):
+        full, chunked, student = _objective_pair("llama", kd_loss="jsd", alpha=1.0, jsd_beta=beta)
+        a, _ = _terms_and_grads(full, student, _trimmed_batch(1))
+        b, _ = _terms_and_grads(chunked, student, _trimmed_batch(1))
+        assert a["loss_kd"] == pytest.approx(b["loss_kd"], rel=1e-5)
+        results.append(a["loss_kd"])
+    assert results[0] != pytest.approx(results[1], rel=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_lm_objective_chunked_ce_equals_materialised(arch: str) -> None:
+    from entrenar_cli.objectives import LMObjective
+
+    student = _tiny(arch, 2).train()
+    task = "masked" if arch == "bert" else "causal"
+    full, chunked = LMObjective(task), LMObjective(task, logits_budget=4 * 3 * VOCAB_M * 3)
+    batch = _batch(5)
+    ref_terms, ref_grads = _terms_and_grads(full, student, batch)
+    terms, grads = _terms_and_grads(chunked, student, batch)
+    assert chunked.logit_path.enabled and not full.logit_path.enabled
+    assert terms["loss"] == pytest.approx(ref_terms["loss"], rel=1e-5) and terms["tokens"] == 17
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+    student.eval()  # the engine evaluates without dropout
+    ev, ev_ref = chunked.evaluate(student, [batch]), full.evaluate(student, [batch])
+    assert ev["eval_loss"] == pytest.approx(ev_ref["eval_loss"], rel=1e-6)
+
+
+def test_head_with_unknown_post_processing_falls_back_and_says_why() -> None:
+    from entrenar_cli.objectives import LMObjective
+
+    student = _tiny("llama", 2)
+    inner = student.forward
+
+    def doubled(*args: Any, **kwargs: Any) -> Any:  # an architecture that post-processes its logits
+        out = inner(*args, **kwargs)
+        out.logits = out.logits * 2.0
+        return out
+
+    student.forward = doubled  # type: ignore[method-assign]
+    objective = LMObjective("causal", logits_budget=2**20)
+    batch = _batch(0)
+    terms = objective.loss_terms(student, batch)
+    assert not objective.logit_path.enabled and "does not reproduce its logits" in objective.logit_path.note
+    reference = kd_terms(doubled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None,
+                         batch["labels"], need_soft=False)
+    assert float(terms["loss"]) == pytest.approx(float(reference.hard), rel=1e-6)
+
+
+def test_compile_and_switch_off_keep_materialised_logits() -> None:
+    from entrenar_cli.chunking import logits_budget
+    from entrenar_cli.config.schema import TrainingSettings
+    from entrenar_cli.objectives import LMObjective, planned_logit_path
+
+    student = _tiny("llama", 2)
+    assert planned_logit_path(TrainingSettings(), {"model": student}).startswith(
+        "chunked over tokens (budget 256.00 MiB")
+    assert planned_logit_path(TrainingSettings(logits_budget_mb=64), {"model": student}).startswith(
+        "chunked over tokens (budget 64.00 MiB")
+    assert "torch.compile" in planned_logit_path(TrainingSettings(compile=True), {"model": student})
+    assert planned_logit_path(TrainingSettings(chunked_logits=False), {"model": student}) == \
+        "full logits (training.chunked_logits: false)"
+    assert logits_budget(TrainingSettings(chunked_logits=False)) is None
+    objective = LMObjective("causal", logits_budget=2**20)
+    objective.compile()
+    objective.loss_terms(student, _batch(0))
+    assert not objective.logit_path.enabled
+    from peft import LoraConfig, get_peft_model
+
+    lora_head = get_peft_model(_tiny("llama", 6), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert "not a plain linear layer" in planned_logit_path(TrainingSettings(), {"student": lora_head})
+
+
+def test_chunked_estimate_does_not_grow_with_vocabulary() -> None:
+    from entrenar_cli.memory import estimate_training
+
+    def cfg(layers: int, vocab: int) -> dict[str, Any]:
+        return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 256,
+                "intermediate_size": 1024, "num_hidden_layers": layers, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "vocab_size": vocab, "tie_word_embeddings": True}
+
+    def total(batch: int, budget: int | None, vocab: int = 151_936) -> int:
+        return estimate_training(cfg(2, vocab), batch_size=batch, seq_len=512, dtype="fp32", device="cpu",
+                                 teacher_config=cfg(4, vocab), logits_budget=budget).total_bytes
+
+    row = 4 * 151_936
+    full_slope = (total(6, None) - total(2, None)) / (4 * 512)
+    chunked_slope = (total(6, 2**28) - total(2, 2**28)) / (4 * 512)
+    assert full_slope > 5 * row  # materialised: several fp32 logit rows per token
+    assert chunked_slope < 0.25 * row  # the issue's bar
+    assert total(2, 2**28) < total(2, None) / 4

@@ -149,6 +149,29 @@ def test_same_seed_same_curve_and_attention_transfer(tiny_llama: Path, stdlib_te
     assert all(attn > 0 for _, attn in curves[0])
 
 
+def test_chunked_logits_run_equals_materialised_run(tiny_llama: Path, stdlib_text: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The default (chunked) loss path logs the same curve as materialised logits, and the plan says which ran."""
+    from entrenar_cli.pipeline.distill import run
+
+    extra = "distillation:\n  alpha: 0.5\n  temperature: 2.0\n"
+    curves, evals = [], []
+    for name, chunked in (("full", "false"), ("chunked", "true")):
+        out = tmp_path / name
+        summary = run(distill_config(tiny_llama, stdlib_text, out, extra, max_steps=3, mixed_precision="fp32",
+                                     chunked_logits=chunked, logits_budget_mb=1),
+                      RunOptions(progress=False))
+        curves.append([(m["loss"], m["loss_kd"], m["loss_ce"]) for m in read_metrics(out) if m["event"] == "train"])
+        evals.append(summary["student"]["perplexity"])
+    assert len(curves[0]) == 3
+    for a, b in zip(curves[0], curves[1]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert evals[0] == pytest.approx(evals[1], rel=1e-5)
+    printed = capsys.readouterr().out
+    assert "logit losses: full logits (training.chunked_logits: false)" in printed
+    assert "logit losses: chunked over tokens (budget 1.00 MiB" in printed
+
+
 def test_refuses_nonempty_output_and_bad_mapping(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
     from entrenar_cli.errors import UsageError
     from entrenar_cli.pipeline.distill import run

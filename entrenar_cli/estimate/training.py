@@ -140,6 +140,8 @@ class EstimateSettings:
     gradient_accumulation: int = 1
     attention: str = "sdpa"
     device: str = "cuda"  # dropout masks: 1 byte on CUDA, a full-precision tensor on CPU; AdamW foreach vs per-tensor
+    # chunked logit losses (objectives.LogitPath): one chunk's temporaries in bytes; None: materialised logits
+    logits_budget: int | None = None
 
     def check(self) -> None:
         """Collect every invalid setting into one UsageError, naming the option the user typed."""
@@ -469,7 +471,16 @@ def estimate_from_layout(
     n_tokens = s.batch_size * s.seq_len
     logits = 0
     head_grad = 0
-    if shape.causal_lm:
+    chunked = s.logits_budget is not None and shape.causal_lm
+    if chunked:
+        from entrenar_cli.chunking import chunked_logits_bytes
+
+        logits = chunked_logits_bytes(n_tokens, shape.vocab_size, shape.hidden_size, s.logits_budget,
+                                      teacher_hidden=teacher[1].hidden_size if teacher is not None else None)
+        if method == "full" and layout.head is not None:
+            # the head's fp32 weight gradient is formed during the loss's forward, before backward starts
+            logits += 4 * layout.head.d_in * layout.head.d_out
+    elif shape.causal_lm:
         logits = n_tokens * shape.vocab_size * (r.logits + 12)
         if method == "full" and layout.head is not None:
             head_grad = 4 * layout.head.d_in * layout.head.d_out
@@ -479,11 +490,13 @@ def estimate_from_layout(
     if teacher is not None:
         t_layout, t_shape = teacher
         tb = 4 if s.dtype == "fp32" else 2
-        t_logits = n_tokens * t_shape.vocab_size * (tb + 4)  # teacher logits + fp32 soft targets
+        # teacher logits + fp32 soft targets; chunked: only the states entering its head
+        t_logits = n_tokens * t_shape.hidden_size * tb if chunked else n_tokens * t_shape.vocab_size * (tb + 4)
         teacher_resident = tb * t_layout.parameters + t_logits
         # one teacher block's temporaries under no_grad, and its fp32 logits copy
         teacher_transient = n_tokens * tb * (4 * t_shape.hidden_size + 3 * t_shape.intermediate_size)
-        logits += n_tokens * shape.vocab_size * 12  # student soft log-probs, their gradient, KL temporary
+        if not chunked:
+            logits += n_tokens * shape.vocab_size * 12  # student soft log-probs, their gradient, KL temporary
 
     accumulated = gradients if s.gradient_accumulation > 1 else 0
     phases = {

@@ -107,7 +107,8 @@ class DistillationTrainer:
         self.teacher = teacher
         self.student, self.student_layers = self._build_student()
         self.vocab = self._check()
-        from entrenar_cli.objectives import DistillObjective, logits_budget
+        from entrenar_cli.chunking import logits_budget
+        from entrenar_cli.objectives import DistillObjective
 
         self.objective = DistillObjective(
             teacher.model, self.config.distillation, task=teacher.task, vocab=self.vocab,

@@ -207,7 +207,8 @@ def _layer_scores(teacher: Any, blocks: Any, length: int) -> list[float]:
 
 def build_objective(su: DistillSetup, cache: Any = None) -> Any:
     from entrenar_cli import models
-    from entrenar_cli.objectives import DistillObjective, logits_budget
+    from entrenar_cli.chunking import logits_budget
+    from entrenar_cli.objectives import DistillObjective
 
     return DistillObjective(su.teacher, su.cfg.distillation, task=su.task, vocab=su.vocab,
                             student_dim=models.hidden_size(su.student), teacher_dim=models.hidden_size(su.teacher),
@@ -333,6 +334,7 @@ def plan(su: DistillSetup) -> dict[str, Any]:
 def _memory_estimate(su: DistillSetup) -> int | None:
     """Training-memory estimate for the plan (advice: see common.advisory_estimate)."""
     from entrenar_cli import lora_defaults
+    from entrenar_cli.chunking import logits_budget
     from entrenar_cli.memory import estimate_training
 
     def compute() -> int:
@@ -347,7 +349,7 @@ def _memory_estimate(su: DistillSetup) -> int | None:
             attention="eager" if su.cfg.distillation.attention.enabled else "sdpa",
             teacher_config=su.teacher.config.to_dict(), lora_alpha=lora.alpha if lora else None,
             lora_dropout=lora.dropout if lora else 0.0, gradient_accumulation=tr.gradient_accumulation,
-            device="cuda" if su.device.type == "cuda" else "cpu",
+            device="cuda" if su.device.type == "cuda" else "cpu", logits_budget=logits_budget(tr),
         )
         return int(est.total_bytes)
 
@@ -577,7 +579,8 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions, p: dict[str, Any]) -> dict[str, Any]:
     """The same student, initialisation, data and steps, trained with plain cross-entropy."""
-    from entrenar_cli.objectives import LMObjective, logits_budget
+    from entrenar_cli.chunking import logits_budget
+    from entrenar_cli.objectives import LMObjective
     from entrenar_cli.pipeline.common import log_event
     from entrenar_cli.trainer import Engine, EngineOptions
 

@@ -187,6 +187,7 @@ def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
 
 def _estimate(su: FineTuneSetup) -> int | None:
     """Training-memory estimate for the plan (advice: see common.advisory_estimate)."""
+    from entrenar_cli.chunking import logits_budget
     from entrenar_cli.memory import estimate_training
 
     def compute() -> int:
@@ -197,7 +198,8 @@ def _estimate(su: FineTuneSetup) -> int | None:
                                 seq_len=su.cfg.dataset.max_length, dtype=su.precision,
                                 gradient_checkpointing=tr.gradient_checkpointing, lora_alpha=su.cfg.lora.alpha,
                                 lora_dropout=su.cfg.lora.dropout, gradient_accumulation=tr.gradient_accumulation,
-                                device="cuda" if su.model.device.type == "cuda" else "cpu")
+                                device="cuda" if su.model.device.type == "cuda" else "cpu",
+                                logits_budget=logits_budget(tr))
         return int(est.total_bytes)
 
     return advisory_estimate(compute)
@@ -249,8 +251,9 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
 def _train_and_save(su: FineTuneSetup, out: Path, opts: RunOptions, total: int, trainable: int,
                     estimate: int | None) -> dict[str, Any]:
     """Train, then save the model and the summary (exit 1 with a checkpoint when interrupted)."""
+    from entrenar_cli.chunking import logits_budget
     from entrenar_cli.console import is_main_process
-    from entrenar_cli.objectives import LMObjective, logits_budget
+    from entrenar_cli.objectives import LMObjective
     from entrenar_cli.signals import pause_for_tests
     from entrenar_cli.trainer import Engine, EngineOptions
 
