@@ -8,6 +8,12 @@ Contents: ``trainable.safetensors`` (the parameters that train: the whole studen
 LoRA adapters and projection heads), ``optimizer.safetensors`` + ``optimizer.json`` (AdamW state),
 ``rng.safetensors`` (torch CPU/CUDA generator states) and ``trainer_state.json`` (step, epoch,
 data position, scheduler state, counters).
+
+A sharded (FSDP) run writes the same directory, except that parameters and optimizer state are in
+``shards/``: torch distributed checkpoint, every process writing its own shards as SafeTensors
+(``HuggingFaceStorageWriter(save_distributed=True)``: the shard offsets are JSON in each file's
+header). DCP's default ``FileSystemWriter`` is avoided on purpose: its ``.metadata`` file is a pickle
+that resume would ``pickle.load``. Optimizer hyper-parameters go to ``optimizer.json``.
 """
 
 from __future__ import annotations
@@ -113,6 +119,89 @@ def load_checkpoint(
     rng = load_file(str(path / "rng.safetensors"))
     state = json.loads((path / "trainer_state.json").read_text())
     return trainable, opt, rng, state
+
+
+SHARDS = "shards"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / SHARDS).is_dir()
+
+
+def save_sharded_checkpoint(
+    output_dir: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    optimizer_meta: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep: int,
+    *,
+    rank: int,
+) -> Path:
+    """Write checkpoint ``step`` of a sharded run: collective (every process calls it).
+
+    ``tensors`` holds DTensors (each process writes its local shards) and replicated plain tensors
+    (written once). Rank 0 creates the temporary directory and tells the others its name, everyone
+    writes, then rank 0 adds the JSON/RNG files and renames the directory into place: a checkpoint
+    that exists is complete, as in :func:`save_checkpoint`. The directory must be on a filesystem
+    every process sees (one node: any; several nodes: a shared one).
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    target = checkpoint_root(output_dir) / f"step-{step:06d}"
+
+    def write_shards(tmp: Path) -> None:
+        writer = HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True, enable_consolidation=False)
+        dcp.save(tensors, storage_writer=writer)
+
+    if rank != 0:
+        name: list[Any] = [None]
+        dist.broadcast_object_list(name, src=0)
+        write_shards(Path(name[0]))
+        dist.barrier()  # rank 0 renamed the checkpoint into place
+        return target
+    record_written(output_dir, target.parent.name)
+    if target.parent.is_dir():
+        for stale in target.parent.glob(".step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        with atomic_dir(target) as tmp:
+            (tmp / SHARDS).mkdir()
+            dist.broadcast_object_list([str(tmp)], src=0)
+            write_shards(tmp)
+            (tmp / "optimizer.json").write_text(json.dumps(optimizer_meta))
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                    rng[f"cuda{i}"] = s
+            save_file(rng, str(tmp / "rng.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        for old in list_checkpoints(output_dir)[:-keep]:
+            doomed = old.with_name(f".{old.name}.pruned")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+    finally:
+        dist.barrier()
+    return target
+
+
+def load_sharded_checkpoint(
+    path: Path, tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """Fill ``tensors`` (the run's own DTensors and tensors, same keys as saved) in place from a
+    sharded checkpoint, reading only SafeTensors and JSON (no pickle); collective. Any number of
+    processes can read what any number wrote (the shard offsets are in the files).
+    Returns (optimizer meta, rng tensors, trainer state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)))
+    meta = json.loads((path / "optimizer.json").read_text())
+    rng = load_file(str(path / "rng.safetensors"))
+    state = json.loads((path / "trainer_state.json").read_text())
+    return meta, rng, state
 
 
 def restore_rng(rng: dict[str, torch.Tensor]) -> None:

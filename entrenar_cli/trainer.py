@@ -8,6 +8,10 @@ optimizer step over real tokens, clipping, non-finite step handling, evaluation,
 resume, metrics and progress.
 
 The loop reads in run order: ``train()`` -> ``_run_step()`` -> ``objective.loss_terms()``.
+
+Multi-process runs are DDP by default; ``training.sharding: fsdp`` (or an accelerate FSDP config)
+shards the student, its gradients and optimizer state, and the teacher, with FSDP2
+(:mod:`entrenar_cli.sharding`); the loop, the token normalisation and the logs are the same.
 """
 
 from __future__ import annotations
@@ -25,7 +29,17 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from entrenar_cli.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from entrenar_cli import sharding
+from entrenar_cli.checkpoint import (
+    checkpoint_root,
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from entrenar_cli.data import BlockDataset, DistillationCollator, epoch_order
 from entrenar_cli.errors import TrainingError
 from entrenar_cli.precision import precision_dtype, resolve_precision  # noqa: F401 - re-exported
@@ -110,6 +124,16 @@ class EngineOptions:
     progress: bool = True
 
 
+class _Trainables(nn.Module):
+    """The model and the objective's extra parameters under one module, so distributed checkpoint
+    names every trained tensor by a path (``model.…``, ``extra.0``) for the sharded state dict."""
+
+    def __init__(self, model: nn.Module, extra: list[nn.Parameter]):
+        super().__init__()
+        self.model = model
+        self.extra = nn.ParameterList(extra)
+
+
 class Engine:
     """One training run: ``Engine(...).train()`` returns the summary of what happened."""
 
@@ -123,6 +147,10 @@ class Engine:
         self.objective = objective
         self.train_blocks = train_blocks
         self.eval_blocks = eval_blocks
+        self.sharding = sharding.requested_sharding(settings)
+        self.sharded = self.sharding == "fsdp"
+        if self.sharded:
+            sharding.check_supported(settings, model)
         self.accelerator = accelerator or Accelerator(cpu=resolve_device(settings.device).type == "cpu")
         self.device = self.accelerator.device
         self.precision = resolve_precision(settings.mixed_precision, self.device)
@@ -139,6 +167,9 @@ class Engine:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
+        self.teacher_sharded = False
+        if self.sharded:
+            self._shard(model)
         self.model = model.to(self.device)
         objective.to(self.device)
         if getattr(settings, "compile", False):
@@ -149,13 +180,27 @@ class Engine:
         params = [p for p in self.model.parameters() if p.requires_grad] + extra
         if not params:
             raise TrainingError("nothing to train: every parameter is frozen")
-        self.optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+        groups: list[Any] = [{"params": params}]
+        if self.sharded and extra:  # AdamW's foreach kernels cannot mix DTensors and plain tensors in one group
+            model_params = [p for p in self.model.parameters() if p.requires_grad]
+            groups = [{"params": model_params}, {"params": extra}] if model_params else [{"params": extra}]
+        self.optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                            betas=(0.9, 0.999), eps=1e-8, foreach=True)
+        self._extra = extra
+        self._trainables = _Trainables(self.model, extra) if self.sharded else None
         self.total_steps = self._plan_steps()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(settings.lr_scheduler, settings.warmup_steps, self.total_steps))
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" and self.device.type == "cuda" else None
+        if not self.sharded:  # sharded: FSDP2 already wraps the model; accelerate only launched the processes
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.scaler: Any = None
+        if self.precision == "fp16" and self.device.type == "cuda":
+            if self.sharded:  # skips the step on every process when any process saw inf/NaN
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler("cuda")
+            else:
+                self.scaler = torch.amp.GradScaler("cuda")
         self.state = TrainState()
         options.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = options.output_dir / "metrics.jsonl"
@@ -166,6 +211,32 @@ class Engine:
             from entrenar_cli.tracking import check_available
 
             check_available(list(settings.report_to))  # before the first step, not at the first log line
+
+    # ---- sharding -------------------------------------------------------------------------
+
+    def _shard(self, model: nn.Module) -> None:
+        """FSDP2 over every process: the student always; the teacher too unless a teacher cache is on.
+
+        A cached run calls the teacher only for blocks missing from the cache, and which blocks miss
+        differs between processes; a sharded forward is a collective every process must join, so a
+        cached run keeps the teacher whole on each device (it is called rarely, and the cache is what
+        saves its memory and time). fully_shard moves each unit to the device as it shards it, so no
+        device ever holds a whole model.
+        """
+        sharding.ensure_process_group(self.device)
+        mesh = sharding.device_mesh(self.device)
+        policy = sharding.mixed_precision_policy(self.precision)
+        sharding.shard(model, mesh, policy)
+        teacher = getattr(self.objective, "teacher", None)
+        if isinstance(teacher, nn.Module) and getattr(self.objective, "cache", None) is None:
+            sharding.shard(teacher, mesh, policy)
+            self.teacher_sharded = True
+
+    def gather_model(self) -> None:
+        """Gather the full student to rank 0 (collective; sharded runs only): afterwards rank 0's
+        ``unwrap_model(engine.model)`` is a plain model to save, the other ranks keep shards."""
+        if self.sharded and sharding.is_sharded(self.model):
+            sharding.gather_to_rank0(self.model, self.rank)
 
     # ---- plan -----------------------------------------------------------------------------
 
@@ -248,18 +319,24 @@ class Engine:
         self.model.train()
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            sync = self.accelerator.no_sync(self.model) if (not last and self.world > 1) else contextlib.nullcontext()
+            # FSDP reduce-scatters every micro-batch: skipping it would keep a full gradient per device
+            sync = (self.accelerator.no_sync(self.model) if (not last and self.world > 1 and not self.sharded)
+                    else contextlib.nullcontext())
             with sync:
                 with self._autocast():
                     terms = self.objective.loss_terms(self.model, batch)
                 loss = terms["loss"] * tok_norm + terms.get("loss_seq", 0.0) * seq_norm
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
+                elif self.sharded:
+                    loss.backward()
                 else:
                     self.accelerator.backward(loss)
             for k, v in terms.items():
                 logged[k] = logged.get(k, 0.0) + v.detach()
             logged["sequences"] = logged.get("sequences", 0.0) + batch["input_ids"].shape[0]
+        # the objective's own parameters (hidden-state projections) are outside DDP/FSDP: average them here
+        sharding.average_gradients(self._extra)
         return logged
 
     def _optimizer_step(self) -> float:
@@ -268,8 +345,11 @@ class Engine:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.s.max_grad_norm if self.s.max_grad_norm else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm_value = float(norm)  # the one sync per step: decides skip vs step
+        if self.sharded:
+            norm_value = sharding.clip_grad_norm(params, max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm_value = float(norm)  # the one sync per step: decides skip vs step
         if not math.isfinite(norm_value):
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -300,8 +380,52 @@ class Engine:
             out[f"extra.{i}"] = p
         return out
 
+    def _sharded_state(self) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(flat tensors for DCP, optimizer JSON meta, model state dict, optimizer state dict).
+
+        Trainable tensors only (a LoRA run's frozen base is not in checkpoints); a tied weight is
+        stored under its first name. Optimizer state is keyed by parameter path, not position.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        assert self._trainables is not None
+        msd, osd = get_state_dict(self._trainables, self.optimizer,
+                                  options=StateDictOptions(ignore_frozen_params=True))
+        aliases = self._aliases()
+        tensors = {f"model/{k}": v for k, v in msd.items() if k not in aliases and torch.is_tensor(v)}
+        meta: dict[str, Any] = {"param_groups": osd["param_groups"], "state": {}}
+        for fqn, entry in osd["state"].items():
+            meta_entry: dict[str, Any] = {}
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim/{fqn}/{key}"] = value
+                    meta_entry[key] = "__tensor__"
+                else:
+                    meta_entry[key] = value
+            meta["state"][fqn] = meta_entry
+        return tensors, meta, msd, osd
+
+    def _aliases(self) -> dict[str, str]:
+        """Second names of shared (tied) parameters -> their first name."""
+        assert self._trainables is not None
+        first: dict[int, str] = {}
+        out: dict[str, str] = {}
+        for name, p in self._trainables.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                out[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+        return out
+
     def save_checkpoint(self) -> Path | None:
         self.accelerator.wait_for_everyone()
+        if self.sharded:
+            tensors, meta, _, _ = self._sharded_state()  # collective: every process
+            self.state.scheduler = self.scheduler.state_dict()
+            state = dict(vars(self.state))
+            state.update(total_steps=self.total_steps, world=self.world, sharding="fsdp")
+            return save_sharded_checkpoint(self.opts.output_dir, self.state.step, tensors, meta, state,
+                                           keep=self.opts.keep_checkpoints, rank=self.rank)
         if not self.is_main:
             return None
         self.state.scheduler = self.scheduler.state_dict()
@@ -315,6 +439,13 @@ class Engine:
         ckpt = latest_checkpoint(self.opts.output_dir)
         if ckpt is None:
             return False
+        if is_sharded_checkpoint(ckpt) != self.sharded:
+            written = "sharded (FSDP)" if is_sharded_checkpoint(ckpt) else "not sharded"
+            raise TrainingError(f"{ckpt} was written by a run that was {written}; this run is "
+                                + ("sharded" if self.sharded else "not sharded"),
+                                hint="resume with the same training.sharding (and launcher) as the first run")
+        if self.sharded:
+            return self._resume_sharded(ckpt)
         trainable, opt_state, rng, state = load_checkpoint(ckpt)
         self.resumed_checkpoint = ckpt
         current = self.trainable_state()
@@ -328,6 +459,40 @@ class Engine:
         restore_rng(rng)
         sched = state.pop("scheduler", {})
         for key in ("total_steps", "world"):
+            state.pop(key, None)
+        self.state = TrainState(**state)
+        if sched:
+            self.scheduler.load_state_dict(sched)
+        return True
+
+    def _resume_sharded(self, ckpt: Path) -> bool:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        tensors, _, msd, osd = self._sharded_state()  # this run's tensors: DCP reads into them
+        from safetensors import safe_open
+
+        saved: set[str] = set()
+        for f in sorted((ckpt / "shards").glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as fh:
+                saved.update(fh.keys())
+        if saved != set(tensors):
+            raise TrainingError(f"{ckpt} does not match this run's trainable parameters",
+                                hint="resume with the same config, or use --overwrite to start again")
+        meta, rng, state = load_sharded_checkpoint(ckpt, tensors)
+        for alias, first in self._aliases().items():
+            if alias in msd and first in msd:
+                msd[alias] = msd[first]
+        for fqn, entry in meta["state"].items():
+            osd["state"][fqn] = {k: (tensors[f"optim/{fqn}/{k}"] if v == "__tensor__" else v)
+                                 for k, v in entry.items()}
+        for group, saved_group in zip(osd["param_groups"], meta["param_groups"]):
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+        set_state_dict(self._trainables, self.optimizer, model_state_dict=msd, optim_state_dict=osd,
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        self.resumed_checkpoint = ckpt
+        restore_rng(rng)
+        sched = state.pop("scheduler", {})
+        for key in ("total_steps", "world", "sharding"):
             state.pop(key, None)
         self.state = TrainState(**state)
         if sched:
@@ -371,6 +536,9 @@ class Engine:
     def train(self, on_log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Run until ``total_steps``; returns {status, steps, tokens, elapsed_s, tokens_per_s, eval}.
 
+        A sharded run that completes ends by gathering the full student to rank 0
+        (:meth:`gather_model`), so callers save ``unwrap_model(engine.model)`` there as for DDP.
+
         SIGINT/SIGTERM only set :data:`~entrenar_cli.signals.STOP` from the first step through the
         final evaluation (the pipelines keep it on until the final model is saved): the current step
         finishes and a checkpoint is written, and a second signal cannot break that write.
@@ -388,6 +556,16 @@ class Engine:
         info(f"resumed from step {self.state.step} of {self.total_steps}, checkpoint {self.resumed_checkpoint}")
         return self.state.step
 
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now: any process saw SIGINT/SIGTERM. Processes must agree, because the
+        interrupt checkpoint is collective (and the next step's gradient reduction too); a signal
+        reaches them at slightly different moments."""
+        stop = STOP.signal is not None
+        if self.world == 1:
+            return stop
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        return bool(float(self.accelerator.reduce(flag, reduction="sum")) > 0)
+
     def _train(self, on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
         s = self.s
         resumed_from = self._resume_and_say() if self.opts.resume else None
@@ -399,7 +577,7 @@ class Engine:
         progress = _Progress(self.total_steps, enabled=self.opts.progress and self.is_main, start=self.state.step)
         try:
             while self.state.step < self.total_steps:
-                if STOP.signal is not None:
+                if self._stop_agreed():
                     status = "interrupted"
                     break
                 logged = self._run_step()
@@ -469,6 +647,7 @@ class Engine:
                 self.save_checkpoint()  # so that --resume continues exactly here
         if status == "completed":
             last_eval = self._eval_and_log()
+            self.gather_model()  # sharded: rank 0 now holds the whole model for the pipeline to save
         self.finish_trackers()
         elapsed = self.state.elapsed_s
         run_tokens = self.state.tokens

@@ -94,6 +94,14 @@ def estimate(
         ),
     ] = None,
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")] = None,
+    devices: Annotated[
+        int, typer.Option("--devices", help="Processes (GPUs) training together; with --sharding: memory per device.")
+    ] = 1,
+    sharding: Annotated[
+        str,
+        typer.Option("--sharding", help="none (DDP: every device holds everything) | fsdp (weights, gradients, "
+                     "optimizer state and the teacher divided across --devices; training.sharding)."),
+    ] = "none",
     as_json: JsonOption = False,
 ) -> None:
     """Plan memory before renting a GPU: exact parameter count, weight sizes, KV cache, and training
@@ -105,6 +113,7 @@ def estimate(
     Example: entrenar estimate llama 7b --method qlora --seq-len 2048 --fits 24GiB
     Example: entrenar estimate Qwen/Qwen2.5-0.5B --method lora --target-modules all-linear --json
     Example: entrenar estimate smollm2 135m --teacher llama:7b --method full --dtype fp32
+    Example: entrenar estimate llama3 8b --teacher llama:70b --method full --devices 8 --sharding fsdp
 
     Totals are the modelled peak of tensor memory (docs/estimate.md); add the CUDA context and
     allocator slack (typically under 1 GiB) on a GPU.
@@ -131,6 +140,7 @@ def estimate(
         device=device,
     )
     _check_all(methods, settings)
+    _check_devices(devices, sharding, methods)
     budget = _budget(fits) if fits is not None else None
 
     config = resolved.config
@@ -139,15 +149,25 @@ def estimate(
     estimates = {
         m: memory.estimate_training(config, method=m, teacher_config=teacher_config, **settings) for m in methods
     }
+    multi = devices > 1 or sharding != "none"
+    per_device = {m: _per_device(config, teacher_config, est, devices, sharding) for m, est in estimates.items()} \
+        if multi else {}
     verdicts: dict[str, dict[str, Any]] = {}
     if budget is not None:
         for m, est in estimates.items():
+            if multi:
+                verdicts[m] = _sharded_verdict(config, teacher_config, m, settings, devices, sharding, budget,
+                                               per_device[m].per_device_bytes)
+                continue
             best = memory.largest_batch_size(
                 config, budget, teacher_config=teacher_config, method=m, **{**settings, "batch_size": 1}
             )
             verdicts[m] = {"fits": est.total_bytes <= budget, "max_batch_size": best}
 
     doc = build_document(resolved, summary, settings, estimates, teacher_resolved, fits, budget, verdicts)
+    if multi:
+        doc["devices"] = {"devices": devices, "sharding": sharding,
+                          "per_device": {m: d.to_dict() for m, d in per_device.items()}}
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
@@ -200,6 +220,57 @@ def _resolve(model: str, size: str | None, revision: str | None, what: str = "MO
         raise UsageError(f"{model}: no such file or directory in the package ({path})",
                          hint="list the package's files, e.g. 'pip show -f PACKAGE'")
     return dataclasses.replace(memory.resolve_model(str(path), None, revision=None), name=model)
+
+
+def _check_devices(devices: int, sharding: str, methods: list[str]) -> None:
+    from entrenar_cli.errors import UsageError
+
+    problems = []
+    if devices < 1:
+        problems.append(f"--devices must be at least 1 (got {devices})")
+    if sharding not in ("none", "fsdp"):  # estimate.training.SHARDINGS (not imported: a bad flag needs no model)
+        problems.append(f"--sharding must be one of none, fsdp (got {sharding!r})")
+    elif sharding == "fsdp" and methods == ["qlora"]:
+        problems.append("--sharding fsdp does not apply to qlora (entrenar does not shard a quantised model)")
+    if problems:
+        raise UsageError("; ".join(problems), hint="see 'entrenar estimate --help'")
+
+
+def _per_device(config: dict[str, Any], teacher_config: dict[str, Any] | None, est: Any, devices: int,
+                sharding: str) -> Any:
+    """One device's memory (estimate.training.per_device_estimate); qlora under fsdp: DDP's answer,
+    marked as not sharded (entrenar refuses to shard a quantised student)."""
+    from entrenar_cli import memory
+    from entrenar_cli.estimate.training import per_device_estimate
+
+    if est.method == "qlora":
+        sharding = "none"
+    teacher_layout = memory.layout_for(teacher_config) if teacher_config is not None else None
+    return per_device_estimate(est, memory.layout_for(config), devices=devices, sharding=sharding,
+                               teacher_layout=teacher_layout)
+
+
+def _sharded_verdict(config: dict[str, Any], teacher_config: dict[str, Any] | None, method: str,
+                     settings: dict[str, Any], devices: int, sharding: str, budget: int,
+                     per_device_bytes: int) -> dict[str, Any]:
+    """--fits per device: does one device's share fit, and the largest per-device batch that does."""
+    from entrenar_cli import memory
+
+    def fits(b: int) -> bool:
+        est = memory.estimate_training(config, method=method, teacher_config=teacher_config,
+                                       **{**settings, "batch_size": b})
+        return _per_device(config, teacher_config, est, devices, sharding).per_device_bytes <= budget
+
+    best = 0
+    if fits(1):
+        lo, hi = 1, 2
+        while hi <= 1 << 16 and fits(hi):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        best = lo
+    return {"fits": per_device_bytes <= budget, "max_batch_size": best}
 
 
 def _check_all(methods: list[str], settings: dict[str, Any]) -> None:
@@ -345,8 +416,20 @@ def render(doc: dict[str, Any]) -> None:
     tt.add_row(Text("peak (total)", style="bold"), *[Text(f"{e['total_bytes'] / scale:.2f}", style="bold")
                                                      for e in training.values()])
     tt.add_row("peak during", *[e["peak_phase"] for e in training.values()])
+    dev = doc.get("devices")
+    if dev:
+        label = f"per device ({dev['devices']} x {dev['sharding']})"
+        cells = []
+        for meth in training:
+            d = dev["per_device"][meth]
+            note = "" if d["sharding"] == dev["sharding"] else " (not sharded)"
+            cells.append(Text(f"{d['per_device_bytes'] / scale:.2f}{note}", style="bold"))
+        tt.add_row(Text(label, style="bold"), *cells)
+        tt.add_row("per device peak during", *[dev["per_device"][meth]["peak_phase"] for meth in training])
     fits = doc["fits"]
     if fits:
+        if dev:
+            tt.add_row("", *["" for _ in training])
         cells = []
         for meth in training:
             v = fits["methods"][meth]
