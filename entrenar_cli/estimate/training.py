@@ -569,3 +569,99 @@ def max_batch_size(
         else:
             hi = mid
     return lo
+
+
+# ----------------------------------------------------------------------------------------------
+# several devices: DDP (everything on every device) or FSDP (sharded state)
+
+SHARDINGS = ("none", "fsdp")
+
+
+@dataclass
+class DeviceEstimate:
+    """Memory of one device when ``devices`` processes train together, in bytes."""
+
+    devices: int
+    sharding: str
+    per_device_bytes: int
+    peak_phase: str
+    phases: dict[str, int]
+    sharded_state_bytes: int  # weights + gradients + optimizer state (+ teacher weights) held by one device
+    gathered_bytes: int  # full parameters of the units FSDP gathers at once (student; teacher in its forward)
+    teacher_sharded: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _unit_params(layout: Layout) -> tuple[int, int]:
+    """(largest decoder block, everything outside the blocks): FSDP's units (entrenar_cli.sharding)."""
+    blocks = [sum(m.params for m in mods) for mods in layout.blocks.values()]
+    largest = max(blocks, default=0)
+    return largest, max(0, layout.parameters - sum(blocks))
+
+
+def per_device_estimate(
+    est: TrainingEstimate,
+    layout: Layout,
+    *,
+    devices: int,
+    sharding: str,
+    gradient_accumulation: int = 1,
+    teacher_layout: Layout | None = None,
+    teacher_sharded: bool = True,
+) -> DeviceEstimate:
+    """One device's share of ``est`` (the single-device estimate) under DDP or FSDP.
+
+    DDP (``none``): every device holds the whole model, gradients, optimizer state and teacher, so a
+    device needs the single-device estimate (DDP's gradient buckets are not modelled).
+    FSDP: weights, gradients, optimizer state and (when sharded) the teacher's weights are divided by
+    ``devices``; a device also holds the full parameters of the units being computed, in the compute
+    dtype: the root (embeddings, head, final norm) plus two decoder blocks (the current one and the
+    prefetched next), and in backward one block's unsharded fp32 gradient before its reduce-scatter.
+    The 16-bit weight copies of autocast disappear (the gathered units are already 16-bit).
+    Activations, logits and the loss do not shrink: each device runs its own micro-batch.
+    """
+    if devices < 1:
+        raise UsageError(f"--devices must be at least 1 (got {devices})")
+    if sharding not in SHARDINGS:
+        raise UsageError(f"--sharding must be one of {', '.join(SHARDINGS)} (got {sharding!r})")
+    if sharding == "none":
+        return DeviceEstimate(devices=devices, sharding=sharding, per_device_bytes=est.total_bytes,
+                              peak_phase=est.peak_phase, phases=dict(est.phases),
+                              sharded_state_bytes=est.weights_bytes + est.gradients_bytes + est.optimizer_bytes,
+                              gathered_bytes=0, teacher_sharded=False)
+    if est.method == "qlora":
+        raise UsageError("--sharding fsdp does not apply to qlora (entrenar does not shard a quantised model)",
+                         hint="use --method full or lora with --sharding fsdp")
+    n = devices
+    compute = 4 if est.dtype == "fp32" else 2
+    block, root = _unit_params(layout)
+    gathered = compute * (root + 2 * block)
+    unsharded_grad = 4 * block if est.method == "full" else 0
+    teacher_w = 0
+    teacher_gathered = 0
+    if teacher_layout is not None:
+        teacher_w = compute * teacher_layout.parameters
+        t_block, t_root = _unit_params(teacher_layout)
+        teacher_gathered = compute * (t_root + 2 * t_block) if teacher_sharded else 0
+    t_keep = teacher_w / n if teacher_sharded else teacher_w
+    accumulated = est.gradients_bytes if gradient_accumulation > 1 else 0
+    state = est.weights_bytes + est.optimizer_bytes + accumulated
+    phases: dict[str, int] = {}
+    for name, full in est.phases.items():
+        if name == "optimizer step":
+            phases[name] = int(full / n)  # weights, gradients, optimizer state and its temporaries: all shards
+            continue
+        shared = state + teacher_w + (est.autocast_copies_bytes if name == "backward" else 0)
+        share = state / n + t_keep
+        extra = gathered + (unsharded_grad if name == "backward" else 0)
+        if name == "teacher forward":
+            extra = teacher_gathered
+        phases[name] = int(full - shared + share + extra)
+    peak = max(phases, key=lambda k: phases[k])
+    return DeviceEstimate(
+        devices=n, sharding=sharding, per_device_bytes=phases[peak], peak_phase=peak, phases=phases,
+        sharded_state_bytes=int((est.weights_bytes + est.gradients_bytes + est.optimizer_bytes) / n + t_keep),
+        gathered_bytes=int(gathered), teacher_sharded=teacher_layout is not None and teacher_sharded,
+    )

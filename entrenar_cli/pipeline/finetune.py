@@ -200,7 +200,9 @@ def _estimate(su: FineTuneSetup) -> int | None:
                                 lora_dropout=su.cfg.lora.dropout, gradient_accumulation=tr.gradient_accumulation,
                                 device="cuda" if su.model.device.type == "cuda" else "cpu",
                                 logits_budget=logits_budget(tr))
-        return int(est.total_bytes)
+        from entrenar_cli.sharding import plan_memory_bytes
+
+        return plan_memory_bytes(est, tr, su.model.config.to_dict())
 
     return advisory_estimate(compute)
 
@@ -217,12 +219,16 @@ def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
         prepare_output_dir(out, opts, run_inputs(cfg, opts.config_path))
     su = setup(cfg)
     total, trainable = models.count_parameters(su.model)
+    from entrenar_cli import sharding
+
+    sharding.mark_planned(cfg.training, su.model)  # the logit-path line then tells the truth
     estimate = _estimate(su)
     from entrenar_cli.objectives import planned_logit_path
 
     logit_path = planned_logit_path(cfg.training, {"model": su.model}) if su.task in ("causal", "masked") else ""
     info(f"parameters {total:,}, trainable {trainable:,} ({100 * trainable / max(1, total):.2f}%)"
-         + (f"; estimated training memory {human_bytes(estimate)}" if estimate else "")
+         + (f"; estimated training memory {human_bytes(estimate)}{sharding.memory_note(cfg.training)}"
+            if estimate else "")
          + f"; precision {su.precision_reason or su.precision}"
          + (f"; logit losses: {logit_path}" if logit_path else ""))
     if opts.dry_run:
