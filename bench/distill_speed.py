@@ -1,6 +1,6 @@
 """Distillation speed: entrenar's engine against a plain PyTorch loop, same models, data and steps.
 
-    python -m bench.distill_speed [--steps 8] [--batch 4] [--seq 128]
+    python -m bench.distill_speed [--steps 8] [--batch 4] [--seq 128] [--temperature 2] [--cases ...]
 
 Each case runs in its own subprocess (so peak memory is per case) from this one invocation:
 
@@ -10,6 +10,7 @@ Each case runs in its own subprocess (so peak memory is per case) from this one 
 * ``plain-bf16`` the same loop under bf16 autocast,
 * ``entrenar``   entrenar's engine with the same settings (mixed precision 'auto'),
 * ``entrenar-fp32`` the same with ``mixed_precision: fp32``: 'auto' must be no slower than this,
+* ``entrenar-full`` / ``entrenar-full-fp32`` the same two with ``chunked_logits: false`` (materialised logits),
 * ``cached``     entrenar with a warm teacher cache (epoch 2 of a cached run),
 * ``uncached``   the same two epochs without cache, for the quality comparison.
 
@@ -41,7 +42,7 @@ def _setup(args: argparse.Namespace, out: Path, extra: dict[str, Any] | None = N
     data = {
         "teacher": {"model_id": args.teacher, "format": "gguf" if args.teacher.endswith(".gguf") else "safetensors"},
         "student": {"init_from_teacher": {"layers": 6}},
-        "distillation": {"temperature": 1.0, "alpha": 0.5},
+        "distillation": {"temperature": args.temperature, "alpha": 0.5},
         "training": {"max_steps": args.steps + 1, "batch_size": args.batch, "learning_rate": 5e-4,
                      "logging_steps": 1, "eval_batches": 2, "seed": 0},
         "dataset": {"path": "{stdlib}/**/*.py", "max_length": args.seq, "eval_fraction": 0.05,
@@ -126,7 +127,9 @@ def case_plain(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
                 t_logits = teacher(input_ids=batch["input_ids"]).logits
             s_logits = student(input_ids=batch["input_ids"]).logits
         s_logits, t_logits = s_logits.float().flatten(0, 1), t_logits.float().flatten(0, 1)
-        kl = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True, reduction="batchmean")
+        T = args.temperature
+        kl = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1), log_target=True,
+                      reduction="batchmean") * T**2
         loss = 0.5 * kl + 0.5 * F.cross_entropy(s_logits, batch["labels"].flatten())
         loss.backward()
         opt.step()
@@ -146,17 +149,17 @@ def _engine_rate(out: Path) -> list[float]:
 
 
 def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool = False,
-                  precision: str = "auto") -> dict[str, Any]:
+                  precision: str = "auto", chunked: bool = True) -> dict[str, Any]:
     """cache None: plain engine run; True: two epochs with cache; False: the same two epochs uncached.
 
     compile_: the plain engine run with ``training.compile`` (its first steps compile and are not timed).
-    precision: ``training.mixed_precision`` of the plain engine run.
+    precision: ``training.mixed_precision`` of the plain engine run; chunked: ``training.chunked_logits``.
     """
     from entrenar_cli.pipeline.common import RunOptions
     from entrenar_cli.pipeline.distill import _precision_and_device, run
 
-    out = Path(args.tmp) / f"entrenar-{cache}{'-compiled' if compile_ else ''}-{precision}"
-    extra: dict[str, Any] = {"training": {"mixed_precision": precision}}
+    out = Path(args.tmp) / f"entrenar-{cache}{'-compiled' if compile_ else ''}-{precision}-{chunked}"
+    extra: dict[str, Any] = {"training": {"mixed_precision": precision, "chunked_logits": chunked}}
     if compile_:
         extra = {"training": {"compile": True, "max_steps": args.steps + 3}}
     if cache is not None:
@@ -178,6 +181,8 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
     fn = {"matmul": lambda: case_matmul(args), "plain-fp32": lambda: case_plain(args, False),
           "plain-bf16": lambda: case_plain(args, True), "entrenar": lambda: case_entrenar(args, None),
           "entrenar-fp32": lambda: case_entrenar(args, None, precision="fp32"),
+          "entrenar-full": lambda: case_entrenar(args, None, chunked=False),
+          "entrenar-full-fp32": lambda: case_entrenar(args, None, precision="fp32", chunked=False),
           "cached": lambda: case_entrenar(args, True), "uncached": lambda: case_entrenar(args, False),
           "compiled": lambda: case_entrenar(args, None, compile_=True)}[name]
     result = fn()
@@ -195,6 +200,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=400)
+    ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--cases", default="matmul,plain-fp32,plain-bf16,entrenar,entrenar-fp32,cached,uncached")
     ap.add_argument("--force-bf16", action="store_true", help="run the bf16 reference even without native bf16")
     ap.add_argument("--case", help=argparse.SUPPRESS)
@@ -208,7 +214,7 @@ def main() -> None:
     for name in args.cases.split(","):
         cmd = [sys.executable, "-m", "bench.distill_speed", "--case", name, "--steps", str(args.steps),
                "--batch", str(args.batch), "--seq", str(args.seq), "--blocks", str(args.blocks), "--tmp", args.tmp,
-               "--teacher", args.teacher,
+               "--teacher", args.teacher, "--temperature", str(args.temperature),
                *(["--force-bf16"] if args.force_bf16 else [])]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -234,7 +240,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"matmul peak: fp32 {peak:.1f} GFLOP/s, bf16 {r['matmul']['bf16_gflops']:.1f} GFLOP/s")
     flops = r.get("plain-fp32", {}).get("flops_per_token")
     base = r.get("plain-fp32", {}).get("tokens_per_s")
-    for name in ("plain-fp32", "plain-bf16", "entrenar", "entrenar-fp32", "compiled", "cached", "uncached"):
+    for name in ("plain-fp32", "plain-bf16", "entrenar", "entrenar-fp32", "entrenar-full", "entrenar-full-fp32",
+                 "compiled", "cached", "uncached"):
         if name not in r:
             continue
         if "skipped" in r[name]:
@@ -244,7 +251,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         line = f"{name:13s} {tps:8.1f} tokens/s"
         if base:
             line += f"  {tps / base:5.2f}x plain fp32"
-        if name in ("entrenar", "compiled") and "tokens_per_s" in r.get("plain-bf16", {}):
+        if (name.startswith("entrenar") or name == "compiled") and "tokens_per_s" in r.get("plain-bf16", {}):
             line += f"  {tps / r['plain-bf16']['tokens_per_s']:5.2f}x plain bf16"
         if flops and peak:
             best = max(peak, r["matmul"]["bf16_gflops"])
@@ -255,6 +262,12 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         if "peak_gpu_bytes" in r[name]:
             line += f", GPU {r[name]['peak_gpu_bytes'] / 2**30:.2f} GiB"
         print(line)
+    plains = [r[k]["tokens_per_s"] for k in ("plain-fp32", "plain-bf16") if "tokens_per_s" in r.get(k, {})]
+    if plains and "tokens_per_s" in r.get("entrenar", {}):
+        print(f"entrenar default: {r['entrenar']['tokens_per_s'] / max(plains):.2f}x the faster plain loop")
+    if "tokens_per_s" in r.get("entrenar", {}) and "tokens_per_s" in r.get("entrenar-full", {}):
+        ratio = r["entrenar"]["tokens_per_s"] / r["entrenar-full"]["tokens_per_s"]
+        print(f"chunked logits (default) vs materialised logits, same precision: {ratio:.2f}x")
     if "tokens_per_s" in r.get("entrenar", {}) and "tokens_per_s" in r.get("entrenar-fp32", {}):
         ratio = r["entrenar"]["tokens_per_s"] / r["entrenar-fp32"]["tokens_per_s"]
         print(f"entrenar 'auto' ({r['entrenar']['precision_reason']}): {ratio:.2f}x entrenar fp32")

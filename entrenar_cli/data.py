@@ -28,26 +28,11 @@ from typing import Any
 import numpy as np
 
 from entrenar_cli.errors import EXIT_USAGE, ConfigError, DataError, UsageError, shorten_path
-from entrenar_cli.fsutil import atomic_path, name_path, write_json_atomic
+from entrenar_cli.fsutil import atomic_path, cache_root, name_path, write_json_atomic
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".text", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".cfg",
                  ".toml", ".yaml", ".yml", ".html", ".css"}
 STORE_VERSION = 4
-
-
-def cache_root() -> Path:
-    """Where tokenized data lives: $ENTRENAR_CACHE, else $XDG_CACHE_HOME/entrenar, else ~/.cache/entrenar."""
-    env = os.environ.get("ENTRENAR_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME")
-    if not base:
-        try:
-            base = str(Path.home() / ".cache")
-        except RuntimeError:  # no HOME and no passwd entry
-            raise UsageError("cannot find a cache directory: HOME is not set",
-                             hint="set ENTRENAR_CACHE (or HOME) to a writable directory") from None
-    return Path(base) / "entrenar"
 
 
 def ensure_cache_dir(directory: Path) -> Path:

@@ -86,6 +86,22 @@ def _access_verb(path: str) -> str:
     return "read" if not os.access(path, os.R_OK) else "write"
 
 
+def os_error_code(exc: BaseException) -> int | None:
+    """The OS error number behind ``exc``: an OSError's errno, or the one safetensors reports as text.
+
+    safetensors' Rust writer raises ``SafetensorError("... (os error 28)")`` for a full disk: the
+    same failure as Python's ``OSError(ENOSPC)``, and it deserves the same message.
+    """
+    import re
+
+    if isinstance(exc, OSError):
+        return exc.errno
+    if type(exc).__name__ == "SafetensorError":
+        m = re.search(r"(?:os error |code: )(\d+)", str(exc))  # "... (os error 28)" or "Os { code: 28, ..."
+        return int(m.group(1)) if m else None
+    return None
+
+
 def explain(exc: BaseException) -> EntrenarError | None:
     """The message, hint and exit code for an error a user can cause, or None for a genuine bug.
 
@@ -94,9 +110,14 @@ def explain(exc: BaseException) -> EntrenarError | None:
     line naming the path, never as "unexpected failure".
     """
     import errno
+    import os
 
     if isinstance(exc, EntrenarError):
         return exc
+    if not isinstance(exc, OSError) and os_error_code(exc) in (errno.ENOSPC, errno.EFBIG, errno.EROFS,
+                                                                getattr(errno, "EDQUOT", -1)):
+        code = os_error_code(exc)  # safetensors' writer: the same failure as an OSError
+        exc = OSError(code, os.strerror(code or 0))
     if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)) and exc.errno is not None:
         path = exc.filename if exc.filename is not None else None
         shown = shorten_path(path) if path is not None else None

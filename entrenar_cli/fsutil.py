@@ -180,3 +180,23 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def cache_root() -> Path:
+    """Where entrenar caches derived data (tokens, converted GGUF teachers, precision probes).
+
+    $ENTRENAR_CACHE, else $XDG_CACHE_HOME/entrenar, else ~/.cache/entrenar.
+    """
+    env = os.environ.get("ENTRENAR_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".cache")
+        except RuntimeError:  # no HOME and no passwd entry
+            from entrenar_cli.errors import UsageError
+
+            raise UsageError("cannot find a cache directory: HOME is not set",
+                             hint="set ENTRENAR_CACHE (or HOME) to a writable directory") from None
+    return Path(base) / "entrenar"

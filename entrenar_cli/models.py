@@ -113,7 +113,7 @@ def materialize_gguf(loc: ModelLocation) -> ModelLocation:
     """
     import hashlib
 
-    from entrenar_cli.data import cache_root
+    from entrenar_cli.fsutil import cache_root
 
     if not loc.is_gguf:
         return loc

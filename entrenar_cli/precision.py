@@ -134,7 +134,7 @@ def machine_key() -> str:
 
 
 def cache_path() -> Path:
-    from entrenar_cli.data import cache_root
+    from entrenar_cli.fsutil import cache_root
 
     return cache_root() / CACHE_FILE
 

@@ -417,7 +417,8 @@ def _fits(budget: int, *extra: str) -> dict[str, Any]:
 
 def test_cli_fits_verdicts_on_both_sides_of_the_budget() -> None:
     cfg = catalogue.lookup("smollm2", "135m").config
-    need = memory.estimate_training(cfg, method="lora").total_bytes
+    chunked = 256 * 2**20  # the CLI counts chunked logits by default, as entrenar trains
+    need = memory.estimate_training(cfg, method="lora", logits_budget=chunked).total_bytes
     above = _fits(need)["fits"]["methods"]["lora"]
     below = _fits(need - 1)["fits"]["methods"]["lora"]
     assert above == {"fits": True, "max_batch_size": 1}
@@ -425,8 +426,15 @@ def test_cli_fits_verdicts_on_both_sides_of_the_budget() -> None:
     big = _fits(need * 4)["fits"]["methods"]["lora"]
     b = big["max_batch_size"]
     assert b > 1
-    assert memory.estimate_training(cfg, method="lora", batch_size=b).total_bytes <= need * 4
-    assert memory.estimate_training(cfg, method="lora", batch_size=b + 1).total_bytes > need * 4
+    assert memory.estimate_training(cfg, method="lora", batch_size=b, logits_budget=chunked).total_bytes <= need * 4
+    assert memory.estimate_training(cfg, method="lora", batch_size=b + 1, logits_budget=chunked).total_bytes > need * 4
+    # --logits-budget-mb 0: materialised logits, the library's default
+    full = memory.estimate_training(cfg, method="lora").total_bytes
+    assert full > need
+    result = runner.invoke(app, ["estimate", "smollm2", "135m", "--method", "lora", "--logits-budget-mb", "0",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["training"]["lora"]["total_bytes"] == full
 
 
 def test_cli_teacher_and_local_model(tmp_path: Path) -> None:

@@ -102,6 +102,11 @@ def estimate(
         typer.Option("--sharding", help="none (DDP: every device holds everything) | fsdp (weights, gradients, "
                      "optimizer state and the teacher divided across --devices; training.sharding)."),
     ] = "none",
+    logits_budget_mb: Annotated[
+        int,
+        typer.Option("--logits-budget-mb", min=0, help="Chunked logit losses' budget per chunk (MiB; "
+                     "training.logits_budget_mb, default 256 as entrenar trains); 0: materialised logits."),
+    ] = 256,
     as_json: JsonOption = False,
 ) -> None:
     """Plan memory before renting a GPU: exact parameter count, weight sizes, KV cache, and training
@@ -138,6 +143,7 @@ def estimate(
         gradient_checkpointing=gradient_checkpointing,
         attention=attention,
         device=device,
+        logits_budget=logits_budget_mb * 2**20 if logits_budget_mb else None,
     )
     _check_all(methods, settings)
     _check_devices(devices, sharding, methods)
@@ -395,10 +401,12 @@ def render(doc: dict[str, Any]) -> None:
     training = doc["training"]
     prec = "fp32" if s["dtype"] == "fp32" else f"{s['dtype']} mixed precision"
     ckpt = "gradient checkpointing" if s["gradient_checkpointing"] else "no checkpointing"
+    budget = s.get("logits_budget")
+    logits = f"chunked logits ({budget // 2**20} MiB chunks)" if budget else "materialised logits"
     big = max(e["total_bytes"] for e in training.values()) >= 2**30
     unit, scale = ("GiB", 2**30) if big else ("MiB", 2**20)
     title = (f"Training memory, {unit} (batch {s['batch_size']} x {s['seq_len']} tokens, {prec}, "
-             f"{s['optimizer']}, {s['attention']} attention, {ckpt}, {s['device']})")
+             f"{s['optimizer']}, {s['attention']} attention, {ckpt}, {s['device']}, {logits})")
     if doc["teacher"]:
         title += f", teacher {doc['teacher']['name']} ({_count(doc['teacher']['parameters'])})"
     tt = Table(title=title, title_justify="left", show_edge=False)

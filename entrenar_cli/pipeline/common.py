@@ -361,15 +361,6 @@ def check_free_space(out: Path, needed_bytes: int) -> None:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-def _write_errno(exc: BaseException) -> int | None:
-    if isinstance(exc, OSError):
-        return exc.errno
-    if type(exc).__name__ == "SafetensorError":  # safetensors' writer reports the OS error as text
-        m = re.search(r"(?:os error |code: )(\d+)", str(exc))  # "... (os error 28)" or "Os { code: 28, ..."
-        return int(m.group(1)) if m else None
-    return None
-
-
 @contextlib.contextmanager
 def output_write_errors(out: Path) -> Iterator[None]:
     """Disk full (or a quota, a file-size limit, a read-only remount) while saving: one message naming
@@ -377,7 +368,9 @@ def output_write_errors(out: Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is a write failure
-        code = _write_errno(exc)
+        from entrenar_cli.errors import os_error_code
+
+        code = os_error_code(exc)
         filename = getattr(exc, "filename", None)
         under_out = bool(filename) and _resolve(Path(str(filename))).is_relative_to(_resolve(out))
         if code not in _WRITE_ERRNOS and not (code in (errno.EACCES, errno.EPERM) and under_out):
