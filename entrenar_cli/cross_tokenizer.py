@@ -41,7 +41,9 @@ from entrenar_cli.data import BlockDataset, TokenStore
 from entrenar_cli.errors import EXIT_USAGE, ConfigError, DataError, ModelError
 
 # share of a data sample's teacher tokens that must have a counterpart in the student's vocabulary
-# for method: auto to pick the hybrid (below it, ULD): see BENCHMARKS.md "Cross-tokenizer distillation"
+# for method: auto to pick the hybrid (below it, ULD). A judgement, not yet a measurement: the hybrid's
+# KL term is only as good as the shared part is large, and ULD alone never says which token is likely.
+# BENCHMARKS.md "Cross-tokenizer distillation (issue 20)" has the one pair measured so far.
 AUTO_GOLD_MIN_SHARED = 0.5
 # training blocks the vocab doctor measures alignment coverage on
 DOCTOR_SAMPLE_BLOCKS = 32
