@@ -230,6 +230,29 @@ class DistillObjective:
         self.logit_path = LogitPath(logits_budget if self.use_logits else None)
         self._teacher_eval: dict[str, float] | None = None
         self.progress = 0.0  # fraction of the run done, set by the engine before each step
+        # on-policy distillation (entrenar_cli.on_policy): generated sequences join each step, and the
+        # held-out evaluation scores the student's own samples with the teacher
+        op = getattr(settings, "on_policy", None)
+        self.on_policy = op if op is not None and op.fraction > 0 else None
+        self.op_settings = op
+        self.eval_prompts = 0 if op is None else (
+            op.eval_prompts if op.eval_prompts is not None else (1 << 62 if op.fraction > 0 else 0))
+        if self.on_policy is not None or self.eval_prompts:
+            self._check_on_policy(op)
+
+    def _check_on_policy(self, op: Any) -> None:
+        """On-policy distillation needs a model that writes text, and room for prompt + continuation."""
+        from entrenar_cli.errors import ConfigError
+        from entrenar_cli.on_policy import max_positions_of
+
+        if self.task != "causal":
+            raise ConfigError(f"distillation.on_policy needs a causal language model; the teacher is {self.task!r}",
+                              hint="set distillation.on_policy.fraction: 0 and leave eval_prompts unset")
+        limit = max_positions_of(self.teacher)
+        if limit is not None and op.prompt_tokens + op.max_new_tokens > limit:
+            raise ConfigError(f"distillation.on_policy: prompt_tokens + max_new_tokens = "
+                              f"{op.prompt_tokens + op.max_new_tokens} exceeds the teacher's {limit} positions",
+                              hint=f"lower max_new_tokens to {max(1, limit - op.prompt_tokens)} or less")
 
     def set_progress(self, fraction: float) -> None:
         """Where the run is (0 at the first step, 1 at the last): drives the alpha schedule."""
@@ -296,8 +319,56 @@ class DistillObjective:
         attn = {j: got[f"a{j}"].unsqueeze(1) for j in self.cache.attn_layers}
         return topk, hidden, attn
 
+    def prepare_step(self, model: nn.Module, batches: list[dict[str, Tensor]], *, step: int, seed: int,
+                     rank: int = 0) -> list[dict[str, Tensor]]:
+        """The step's micro-batches with ``on_policy.fraction`` of each one's sequences replaced by continuations.
+
+        Called by the engine once per optimizer step, before it counts the step's tokens (so the loss
+        is normalised over the tokens actually trained), with the current student (unwrapped from DDP).
+        Each micro-batch becomes two: prompt + student continuation for its first rows (labels only on
+        generated tokens, no block ids, so the teacher cache is bypassed), and the rest of its rows as
+        they were. A row's sample depends only on (seed, step, block id): resume, process count and
+        batch shape do not change it. Counters ``generated_tokens`` and ``generation_s`` ride along as
+        loss terms for the engine's logs.
+        """
+        op = self.on_policy
+        if op is None:
+            return batches
+        from entrenar_cli.on_policy import continuations, on_policy_rows, row_seed
+
+        fixed = bool(getattr(model, "_entrenar_sharded", False))  # every process runs the same forwards
+        out: list[dict[str, Tensor]] = []
+        for m, batch in enumerate(batches):
+            ids = batch["input_ids"]
+            b = ids.shape[0]
+            mask = batch.get("attention_mask")
+            usable = torch.ones(b, dtype=torch.bool, device=ids.device) if ids.shape[1] > op.prompt_tokens else \
+                torch.zeros(b, dtype=torch.bool, device=ids.device)
+            if mask is not None and ids.shape[1] > op.prompt_tokens:
+                usable &= mask[:, : op.prompt_tokens].bool().all(dim=1)  # a prompt is real text, no padding
+            rows = usable.nonzero(as_tuple=True)[0][: on_policy_rows(b, op.fraction)]
+            if rows.numel() == 0:
+                out.append(batch)
+                continue
+            blocks = batch.get("block_ids")
+            seeds = [row_seed(seed, step, int(blocks[i])) if blocks is not None
+                     else row_seed(seed, step, rank, m, int(i)) for i in rows.tolist()]
+            gen = continuations(model, ids[rows, : op.prompt_tokens], seeds, op, vocab=self.vocab, fixed_length=fixed)
+            gen.batch["on_policy"] = torch.ones((), device=ids.device)
+            gen.batch["generated_tokens"] = torch.tensor(float(gen.generated_tokens), device=ids.device)
+            gen.batch["generation_s"] = torch.tensor(gen.seconds, device=ids.device)
+            out.append(gen.batch)
+            rest = torch.ones(b, dtype=torch.bool, device=ids.device)
+            rest[rows] = False
+            if bool(rest.any()):
+                out.append({k: (v[rest] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b else v)
+                            for k, v in batch.items()})
+        return out
+
     def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         batch = self._prepare(batch)
+        # the student's own continuation (prepare_step): pure divergence on its generated tokens
+        on_policy = "on_policy" in batch and self.on_policy is not None
         chunked = self._chunked(model, batch)
         t_logits = t_head_in = None
         topk = None
@@ -322,7 +393,8 @@ class DistillObjective:
         out: dict[str, Tensor] = {}
         loss = torch.zeros((), device=mask.device)
         if self.use_logits:
-            alpha = self.alpha
+            alpha = 1.0 if on_policy else self.alpha  # no CE on self-generated tokens
+            kind = self.on_policy.loss if on_policy else self.s.kd_loss
             need_soft = alpha > 0
             if chunked:
                 from entrenar_cli.chunked_losses import chunked_kd_loss, output_head
@@ -330,22 +402,27 @@ class DistillObjective:
                 total, terms = chunked_kd_loss(
                     s_head_in, output_head(model), batch["labels"], teacher_hidden=t_head_in,
                     teacher_head=output_head(self.teacher) if t_head_in is not None else None, teacher_topk=topk,
-                    temperature=self.s.temperature, alpha=alpha, kind=self.s.kd_loss, beta=self.beta,
+                    temperature=self.s.temperature, alpha=alpha, kind=kind, beta=self.beta,
                     vocab=self.vocab, budget_bytes=self.logit_path.budget)
-            elif need_soft and topk is None and self.s.kd_loss == "forward_kl":
+            elif need_soft and topk is None and kind == "forward_kl":
                 s_logits = s_out.logits[..., : self.vocab]
                 # fused loss+gradient, one (tokens x vocab) buffer (see losses.py)
                 total, terms = fused_forward_kd(s_logits, t_logits, batch["labels"],
                                                 temperature=self.s.temperature, alpha=alpha)
             else:
                 terms = kd_terms(s_out.logits[..., : self.vocab], t_logits, batch["labels"],
-                                 temperature=self.s.temperature, kind=self.s.kd_loss, need_soft=need_soft,
-                                 need_hard=True, teacher_topk=topk, beta=self.beta)
+                                 temperature=self.s.temperature, kind=kind, need_soft=need_soft,
+                                 need_hard=not on_policy, teacher_topk=topk, beta=self.beta)
                 total = terms.total(alpha)
             loss = loss + total
-            if need_soft:
-                out["loss_kd"] = terms.soft
-            out["loss_ce"] = terms.hard
+            if on_policy:
+                out["loss_on_policy"] = terms.soft
+                out["generated_tokens"] = batch["generated_tokens"]
+                out["generation_s"] = batch["generation_s"]
+            else:
+                if need_soft:
+                    out["loss_kd"] = terms.soft
+                out["loss_ce"] = terms.hard
             out["tokens"] = terms.count
         else:
             out["tokens"] = mask.sum()
@@ -368,10 +445,55 @@ class DistillObjective:
             out["loss_seq"] = seq_loss
         return out
 
+    @torch.no_grad()
+    def _teacher_nll_of_student(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> tuple[float, float]:
+        """(teacher NLL sum, tokens) over the student's sampled continuations of held-out prompts.
+
+        Prompts are the first ``prompt_tokens`` of the held-out blocks, in order, up to ``eval_prompts``;
+        row ``i`` samples with seed ``row_seed(EVAL_SEED, i)``, so every evaluation (and every run) draws
+        the same random numbers and differences come from the student alone.
+        """
+        from entrenar_cli.on_policy import EVAL_SEED, continuations, row_seed
+
+        op = self.op_settings
+        fixed = bool(getattr(model, "_entrenar_sharded", False))
+        left, row = self.eval_prompts, 0
+        nll = n = 0.0
+        for batch in batches:
+            ids = batch["input_ids"]
+            if left <= 0:
+                break
+            if ids.shape[1] <= op.prompt_tokens:
+                continue
+            usable = batch["attention_mask"][:, : op.prompt_tokens].bool().all(dim=1).nonzero(as_tuple=True)[0]
+            rows = usable[:left]
+            if rows.numel() == 0:
+                continue
+            gen = continuations(model, ids[rows, : op.prompt_tokens],
+                                [row_seed(EVAL_SEED, row + i) for i in range(rows.numel())], op,
+                                vocab=self.vocab, fixed_length=fixed)
+            row += rows.numel()
+            left -= rows.numel()
+            kwargs = _forward_kwargs(gen.batch, False, False)
+            if self._chunked(model, gen.batch):
+                from entrenar_cli.chunked_losses import chunked_ce, final_hidden, output_head
+
+                t_in, _ = final_hidden(self.teacher, **kwargs)
+                hard, _ = chunked_ce(t_in, output_head(self.teacher), gen.batch["labels"], vocab=self.vocab,
+                                     budget_bytes=self.logit_path.budget)
+            else:
+                t_logits = self.teacher(**kwargs).logits[..., : self.vocab]
+                hard = kd_terms(t_logits, None, gen.batch["labels"], need_soft=False).hard
+            nll += float(hard)
+            n += float(gen.generated_tokens)
+        return nll, n
+
     def evaluate(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         """Student perplexity, KL(teacher||student) at T=1, top-1 agreement; teacher perplexity once.
 
         For encoders without an LM head: hidden-state MSE and cosine of mean-pooled embeddings.
+        With ``on_policy.eval_prompts`` (default: on when on-policy training is): ``teacher_nll_of_student``,
+        the teacher's mean NLL of the student's sampled continuations of held-out prompts.
         """
         totals: dict[str, float] = {}
         teacher_ce = 0.0
@@ -419,9 +541,15 @@ class DistillObjective:
                         mse = ((s_last - t_last).pow(2).mean(-1) * mask).sum()
                         totals["mse"] = totals.get("mse", 0.0) + float(mse)
                         totals["mask"] = totals.get("mask", 0.0) + float(mask.sum())
+            if self.eval_prompts:
+                totals["op_nll"], totals["op_n"] = self._teacher_nll_of_student(model, batches)
         finally:
             torch.set_rng_state(generator_state)
         metrics: dict[str, float] = {}
+        if totals.get("op_n"):
+            # the teacher's mean NLL of the student's own samples: what on-policy training lowers
+            metrics["teacher_nll_of_student"] = totals["op_nll"] / totals["op_n"]
+            metrics["student_sample_tokens"] = totals["op_n"]
         if "n" in totals:
             n = max(1.0, totals["n"])
             metrics["eval_loss"] = totals["ce"] / n

@@ -307,6 +307,10 @@ class Engine:
         batches = self._step_batches() if batches is None else batches
         if hasattr(self.objective, "set_progress"):  # loss-weight schedules (distillation.alpha_end)
             self.objective.set_progress(self.state.step / max(1, self.total_steps - 1))
+        if hasattr(self.objective, "prepare_step"):  # on-policy distillation: the student's continuations join
+            with self._autocast():
+                batches = self.objective.prepare_step(self.accelerator.unwrap_model(self.model), batches,
+                                                      step=self.state.step, seed=self.s.seed, rank=self.rank)
         n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         n_seqs = sum(int(b["input_ids"].shape[0]) for b in batches)
         counts = torch.tensor([n_tokens, n_seqs], dtype=torch.float64, device=self.device)
@@ -625,6 +629,10 @@ class Engine:
                         record["loss"] = record.get("loss", 0.0) + float(acc["loss_seq"]) / seqs
                     record["grad_norm"] = norm
                     record["tokens_per_s"] = window_tokens / max(1e-9, now - window_t)
+                    if "generated_tokens" in acc:  # on-policy distillation: what sampling produced and its speed
+                        record["generated_tokens"] = int(acc["generated_tokens"])
+                        record["generated_tokens_per_s"] = float(acc["generated_tokens"]) / max(
+                            1e-9, float(acc.get("generation_s", 0.0)) / self.world)
                     record["peak_mem_bytes"] = peak_memory_bytes(self.device)
                     record["elapsed_s"] = now - t_start
                     record["skipped_steps"] = self.state.skipped_steps
@@ -747,6 +755,8 @@ class _Progress:
             return
         terms = " ".join(f"{k}={record[k]:.4f}" for k in sorted(record) if k.startswith("loss"))
         info = f"{terms} lr={record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+        if "generated_tokens_per_s" in record:
+            info += f" (generating {record['generated_tokens_per_s']:.0f} tok/s)"
         if self.bar is not None:
             self.bar.update(self.task, info=info)
         else:
