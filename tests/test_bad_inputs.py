@@ -120,7 +120,9 @@ def _tokenizer_mismatch(t: Path, m: Path, d: Path) -> Path:
     other = _copy_model(m, t / "student")
     # another tokenizer that fits the student's 512 rows (a larger one is its own error: test_model_inputs)
     make_tokenizer(sorted(d.glob("*.py")), vocab_size=400).save_pretrained(other)
-    return _config(t, m, d, student=f"  model_id: {other}\n")
+    # differing tokenizers are cross-tokenizer distillation (issue 20); what it cannot do is refused
+    return _config(t, m, d, student=f"  model_id: {other}\n",
+                   extra="distillation:\n  teacher_cache:\n    enabled: true\n")
 
 
 def _output_inside_input(t: Path, m: Path, d: Path) -> Path:
@@ -237,7 +239,7 @@ CASES: list[Case] = [
     ("pickle renamed to safetensors", _pickle_renamed, 1, ["model.safetensors"]),
     ("bad gguf header", _bad_gguf, 1, ["model.gguf"]),
     ("config without model_type", _no_model_type, 2, ["config.json", "model_type"]),
-    ("tokenizer mismatch", _tokenizer_mismatch, 1, ["tokenizers differ"]),
+    ("tokenizer mismatch with a teacher cache", _tokenizer_mismatch, 2, ["tokenizers differ", "teacher_cache"]),
     ("output inside input", _output_inside_input, 2, ["inside the input model directory"]),
     ("duplicate section", _duplicate_section, 2, ["bad.yaml:13:1: training: duplicate key (lines 5 and 13)"]),
     ("duplicate nested key", _duplicate_nested_key, 2, ["bad.yaml:7:3: training.seed: duplicate key (lines 6 and 7)"]),

@@ -268,6 +268,59 @@ class TeacherCacheSettings(Section):
     )
 
 
+class CrossTokenizerSettings(Section):
+    """Distillation when the teacher's and student's tokenizers differ (entrenar_cli.cross_tokenizer).
+
+    Positions are paired by characters (tokens that end at the same character); ``uld`` compares the two
+    sorted probability vectors (Boizard et al. 2024), ``gold`` adds forward KL on the token strings both
+    vocabularies share (TRL GOLD-style hybrid). Ignored when the tokenizers are the same.
+    """
+
+    method: Literal["auto", "uld", "gold"] = Field(
+        "auto", description="Logit loss across vocabularies: uld, gold (KL on shared tokens + ULD on the rest), or "
+        "auto (gold when most teacher tokens of a data sample have a student counterpart, else uld).",
+    )
+    uld_weight: float = Field(1.0, ge=0, le=10, description="gold only: the weight of the ULD term on unshared tokens.")
+    uld_top_k: int = Field(
+        256, ge=0, le=2**20,
+        description="ULD compares the first k ranks of the sorted probabilities and the mass beyond them as one "
+        "bucket (a lower bound, 5-20x cheaper than sorting the whole vocabulary); 0 sorts everything (exact).",
+    )
+
+
+class OnPolicySettings(Section):
+    """On-policy distillation (GKD, Agarwal et al. 2024; MiniLLM, Gu et al. 2024): a share of each step's
+    sequences are the student's own sampled continuations of prompts, scored token by token by the teacher.
+
+    Off-policy KD trains the student only on text it would not write itself; on its own text its errors
+    compound. Prompts are the first ``prompt_tokens`` of training blocks; the divergence is computed on the
+    generated tokens only (prompt and tokens after the end-of-text token carry no loss, and no hard-label CE).
+    """
+
+    fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of each micro-batch's sequences replaced by prompt + student continuation (0: off, "
+        "today's off-policy KD; GKD's lambda).",
+    )
+    max_new_tokens: int = Field(64, gt=0, le=8192, description="Tokens the student generates per prompt.")
+    temperature: float = Field(
+        1.0, ge=0, le=20, description="Sampling temperature of the student's generations (0: greedy)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the most likely tokens up to this mass.")
+    prompt_tokens: int = Field(
+        32, gt=0, le=8192, description="Prompt length: the first N tokens of a training block (< dataset.max_length)."
+    )
+    loss: Literal["reverse_kl", "forward_kl", "jsd"] = Field(
+        "reverse_kl", description="Divergence on generated tokens: KL(student||teacher) (mode-seeking, the usual "
+        "choice), KL(teacher||student), or JSD with distillation.jsd_beta.",
+    )
+    eval_prompts: int | None = Field(
+        None, ge=0, le=MAX_COUNT,
+        description="Held-out prompts whose sampled continuations the teacher scores at each evaluation "
+        "(teacher_nll_of_student); null: every held-out block of an evaluation when fraction > 0, else 0 (off).",
+    )
+
+
 class DistillationSettings(Section):
     """The distillation objective."""
 
@@ -297,6 +350,8 @@ class DistillationSettings(Section):
     attention: AttentionSettings = Field(default_factory=AttentionSettings)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     teacher_cache: TeacherCacheSettings = Field(default_factory=TeacherCacheSettings)
+    cross_tokenizer: CrossTokenizerSettings = Field(default_factory=CrossTokenizerSettings)
+    on_policy: OnPolicySettings = Field(default_factory=OnPolicySettings)
 
     @model_validator(mode="after")
     def _cache_needs_forward_kl(self) -> "DistillationSettings":
@@ -331,6 +386,11 @@ class TrainingSettings(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     compile: bool = Field(
         False, description="torch.compile the student and the teacher (GPUs; the first steps compile)."
+    )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: shard the student's parameters, gradients and optimizer state (and the teacher) "
+        "across the processes of a torchrun/accelerate launch with FSDP2; none: every process holds everything "
+        "(DDP). An accelerate FSDP config turns fsdp on too.",
     )
     chunked_logits: bool = Field(
         True, description="Compute logit losses (KD, CE, evaluation) from the final hidden states a chunk of tokens at "
@@ -422,6 +482,14 @@ class DistillationYamlConfig(Section):
         from entrenar_cli.config.loader import load_config
 
         return load_config(path, cls, overrides)  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _on_policy_prompt_fits(self) -> "DistillationYamlConfig":
+        op = self.distillation.on_policy
+        if (op.fraction > 0 or op.eval_prompts) and op.prompt_tokens >= self.dataset.max_length:
+            raise ValueError(f"distillation.on_policy.prompt_tokens ({op.prompt_tokens}) must be shorter than "
+                             f"dataset.max_length ({self.dataset.max_length}): prompts are prefixes of data blocks")
+        return self
 
     def validate(self) -> "DistillationYamlConfig":  # type: ignore[override]
         """Re-check every rule (construction already validates; kept for the documented API)."""

@@ -56,6 +56,8 @@ class DistillSetup:
     teacher_dir: Path
     precision_reason: str = ""
     layer_scores: list[float] | None = None  # teacher block importance (strategy: importance)
+    # tokenizers differ (entrenar_cli.cross_tokenizer.CrossSetup); ``tokenizer`` is then the student's
+    cross: Any = None
 
 
 def _precision_and_device(settings: Any) -> tuple[Any, Any]:
@@ -128,9 +130,17 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     if max_pos and cfg.dataset.max_length > max_pos:
         raise ConfigError(f"dataset.max_length {cfg.dataset.max_length} exceeds the teacher's "
                           f"{max_pos} positions", hint=f"set dataset.max_length <= {max_pos}")
-    train_blocks, eval_blocks = load_blocks(cfg.dataset, tokenizer, causal=(task == "causal"))
-
     st = cfg.student
+    s_loc = student_tok = cross = None
+    if st.init_from_teacher is None:
+        s_loc = models.locate(st.model_id, revision=st.revision, allow_pickle=st.allow_pickle)
+        student_tok = models.load_tokenizer(s_loc, st.trust_remote_code)
+        cross = _cross_tokenizer_setup(cfg, tokenizer, student_tok, task, s_loc, max_pos)
+    if cross is not None:
+        train_blocks, eval_blocks = cross.train_blocks, cross.eval_blocks
+    else:
+        train_blocks, eval_blocks = load_blocks(cfg.dataset, tokenizer, causal=(task == "causal"))
+
     layers: list[int] | None = None
     layer_scores: list[float] | None = None
     if st.init_from_teacher is not None:
@@ -149,8 +159,6 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
         student_tok = None
         student_name = f"teacher layers {layers}"
     else:
-        s_loc = models.locate(st.model_id, revision=st.revision, allow_pickle=st.allow_pickle)
-        student_tok = models.load_tokenizer(s_loc, st.trust_remote_code)
         s_task = models.task_of(models.read_config(s_loc))
         student = models.load_model(s_loc, task=s_task if task != "base" else "base", dtype=torch.float32,
                                     eager_attention=need_eager, trust_remote_code=st.trust_remote_code,
@@ -158,9 +166,12 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
         student_name = st.model_id
     if need_eager and hasattr(student, "set_attn_implementation"):
         student.set_attn_implementation("eager")
-    vocab, note = models.check_vocab(tokenizer, student_tok, teacher, student)
-    if note:
-        warn(note)
+    if cross is not None:  # ids differ: no logits are compared by id, the student's own vocabulary counts
+        vocab, tokenizer = models.vocab_of(student), student_tok
+    else:
+        vocab, note = models.check_vocab(tokenizer, student_tok, teacher, student)
+        if note:
+            warn(note)
 
     dist = cfg.distillation
     n_s, n_t = models.num_layers(student), models.num_layers(teacher)
@@ -182,7 +193,20 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     info(f"data: {len(train_blocks)} training blocks, "
          f"{len(eval_blocks)} held-out blocks of {cfg.dataset.max_length} tokens")
     return DistillSetup(cfg, teacher, student, tokenizer, task, vocab, train_blocks, eval_blocks, precision, device,
-                        t_src.model_id, student_name, layers, t_loc.path, choice.reason, layer_scores=layer_scores)
+                        t_src.model_id, student_name, layers, t_loc.path, choice.reason, layer_scores=layer_scores,
+                        cross=cross)
+
+
+def _cross_tokenizer_setup(cfg: DistillationYamlConfig, teacher_tok: Any, student_tok: Any, task: str, s_loc: Any,
+                           max_pos: int | None) -> Any:
+    """The cross-tokenizer side of a run when the two tokenizers differ, else None (today's exact path)."""
+    from entrenar_cli import cross_tokenizer, models
+
+    if not cross_tokenizer.tokenizers_differ(teacher_tok, student_tok):
+        return None
+    student_task = models.task_of(models.read_config(s_loc))
+    return cross_tokenizer.prepare(cfg, teacher_tok, student_tok, task=task, student_task=student_task,
+                                   teacher_max_positions=max_pos)
 
 
 # training blocks the teacher's layers are scored on (strategy: importance)
@@ -207,6 +231,14 @@ def _layer_scores(teacher: Any, blocks: Any, length: int) -> list[float]:
 
 def build_objective(su: DistillSetup, cache: Any = None) -> Any:
     from entrenar_cli import models
+
+    if su.cross is not None:
+        op = su.cfg.distillation.on_policy
+        if op.fraction > 0 or op.eval_prompts:  # the cross-tokenizer objective has no on-policy path
+            raise ConfigError("distillation.on_policy needs the teacher and the student to share a tokenizer")
+        from entrenar_cli.cross_tokenizer import build_objective as cross_objective
+
+        return cross_objective(su.cross, su.teacher, su.student, su.cfg.distillation)
     from entrenar_cli.chunking import logits_budget
     from entrenar_cli.objectives import DistillObjective
 
@@ -302,12 +334,13 @@ def _mlm_info(su: DistillSetup) -> dict[str, int] | None:
 
 def plan(su: DistillSetup) -> dict[str, Any]:
     """The resolved plan printed by --dry-run and stored in the summary."""
-    from entrenar_cli import models
+    from entrenar_cli import models, sharding
     from entrenar_cli.objectives import planned_logit_path
 
     t_params, _ = models.count_parameters(su.teacher)
     s_params, s_train = models.count_parameters(su.student)
     tr = su.cfg.training
+    sharding.mark_planned(tr, su.student, su.teacher)  # the logit-path line then tells the truth
     blocks_per_step = tr.batch_size * tr.gradient_accumulation
     per_epoch = len(su.train_blocks) // blocks_per_step
     steps = per_epoch * tr.epochs
@@ -325,15 +358,17 @@ def plan(su: DistillSetup) -> dict[str, Any]:
         "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
         "precision": su.precision, "precision_reason": su.precision_reason, "device": str(su.device),
         "vocab": su.vocab,
-        "estimated_mem_bytes": estimate,
+        "estimated_mem_bytes": estimate, "estimated_mem_note": sharding.memory_note(tr),
+        **({"cross_tokenizer": su.cross.plan()} if su.cross is not None else {}),
         "logit_loss": planned_logit_path(tr, {"student": su.student, "teacher": su.teacher})
         if su.task in ("causal", "masked") else "",
+        "on_policy": su.cfg.distillation.on_policy.model_dump(),
     }
 
 
 def _memory_estimate(su: DistillSetup) -> int | None:
     """Training-memory estimate for the plan (advice: see common.advisory_estimate)."""
-    from entrenar_cli import lora_defaults
+    from entrenar_cli import lora_defaults, sharding
     from entrenar_cli.chunking import logits_budget
     from entrenar_cli.memory import estimate_training
 
@@ -351,7 +386,7 @@ def _memory_estimate(su: DistillSetup) -> int | None:
             lora_dropout=lora.dropout if lora else 0.0, gradient_accumulation=tr.gradient_accumulation,
             device="cuda" if su.device.type == "cuda" else "cpu", logits_budget=logits_budget(tr),
         )
-        return int(est.total_bytes)
+        return sharding.plan_memory_bytes(est, tr, student_cfg, su.teacher.config.to_dict())
 
     return advisory_estimate(compute)
 
@@ -376,13 +411,24 @@ def print_plan(p: dict[str, Any]) -> None:
     if scores:
         out.print(f"student layers {p['student']['init_layers']} chosen by importance (angular distance between "
                   "each teacher block's input and output): " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(scores)))
+    if p.get("cross_tokenizer"):
+        from entrenar_cli.cross_tokenizer import doctor_lines
+
+        ct = p["cross_tokenizer"]
+        for line in doctor_lines(ct, ct["method"], ct["method_reason"]):
+            out.print(line)
     est = p.get("estimated_mem_bytes")
     out.print(f"steps {p['steps']} ({p['steps_per_epoch']} per epoch), {p['tokens_per_step']:,} tokens per step, "
               f"{p['train_blocks']} train / {p['eval_blocks']} held-out blocks on {p['device']}"
-              + (f", estimated training memory {human_bytes(est)}" if est else "")
+              + (f", estimated training memory {human_bytes(est)}{p.get('estimated_mem_note', '')}" if est else "")
               + f"; precision {p.get('precision_reason') or p['precision']}")
     if p.get("logit_loss"):
         out.print(f"logit losses: {p['logit_loss']}")
+    op = p.get("on_policy") or {}
+    if op.get("fraction"):
+        out.print(f"on-policy: {op['fraction']:g} of each micro-batch's sequences are the student's continuations "
+                  f"({op['prompt_tokens']} prompt + up to {op['max_new_tokens']} sampled tokens, temperature "
+                  f"{op['temperature']:g}, top_p {op['top_p']:g}), loss {op['loss']} on generated tokens")
 
 
 def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:
@@ -509,7 +555,7 @@ def _fmt_eval(m: dict[str, Any]) -> str:
     parts = []
     for key, label in (("perplexity", "ppl"), ("kl_to_teacher", "KL"), ("agreement", "agreement"),
                        ("teacher_perplexity", "teacher ppl"), ("embedding_cosine", "cosine"),
-                       ("hidden_mse", "hidden MSE")):
+                       ("hidden_mse", "hidden MSE"), ("teacher_nll_of_student", "teacher NLL of student samples")):
         if key in m:
             parts.append(f"{label} {m[key]:.4g}")
     return ", ".join(parts)
@@ -534,7 +580,7 @@ def _summary(su: DistillSetup, p: dict[str, Any], result: dict[str, Any], before
     if "teacher_perplexity" in ev:
         teacher["perplexity"] = ev["teacher_perplexity"]
     student = dict(p["student"])
-    for k in ("perplexity", "kl_to_teacher", "agreement", "embedding_cosine", "hidden_mse"):
+    for k in ("perplexity", "kl_to_teacher", "agreement", "embedding_cosine", "hidden_mse", "teacher_nll_of_student"):
         if k in ev:
             student[k] = ev[k]
     summary = {"run": "distill", **{k: result[k] for k in ("status", "steps", "total_steps", "tokens", "elapsed_s",
@@ -543,7 +589,8 @@ def _summary(su: DistillSetup, p: dict[str, Any], result: dict[str, Any], before
                "estimated_mem_bytes": p.get("estimated_mem_bytes"), "teacher": teacher, "student": student}
     if before:
         summary["student_before"] = {k: before[k] for k in ("perplexity", "kl_to_teacher", "agreement",
-                                                            "embedding_cosine") if k in before}
+                                                            "embedding_cosine", "teacher_nll_of_student")
+                                     if k in before}
     return summary
 
 
