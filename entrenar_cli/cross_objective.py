@@ -37,6 +37,7 @@ from entrenar_cli.losses import (
     kd_terms,
     pooled_cosine,
 )
+from entrenar_cli.objectives import forward_kwargs
 
 
 def _blocks_out(hidden_states: tuple[Tensor, ...]) -> list[Tensor]:
@@ -99,8 +100,10 @@ class CrossTokenizerObjective:
         if self.progressive is not None:
             self.progressive.to(device)
 
-    def compile(self) -> None:
-        self.teacher.compile()
+    def compile(self, regional: bool = True) -> None:
+        from entrenar_cli.models import compile_model
+
+        compile_model(self.teacher)
 
     # ---- pairing ----------------------------------------------------------------------------------
 
@@ -128,18 +131,6 @@ class CrossTokenizerObjective:
             ids[r, : len(v.ids)] = torch.from_numpy(v.ids)
             mask[r, : len(v.ids)] = 1
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-    @staticmethod
-    def _kwargs(batch: dict[str, Tensor], hidden: bool, attentions: bool) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"input_ids": batch["input_ids"]}
-        mask = batch.get("attention_mask")
-        if mask is not None and not bool(mask.all()):  # packed student blocks keep SDPA's fused path
-            kwargs["attention_mask"] = mask
-        if hidden:
-            kwargs["output_hidden_states"] = True
-        if attentions:
-            kwargs["output_attentions"] = True
-        return kwargs
 
     @staticmethod
     def _aligned_index(views: list[TeacherView], labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -180,8 +171,8 @@ class CrossTokenizerObjective:
         device = batch["input_ids"].device
         t_batch = self._teacher_batch(views, device)
         with torch.no_grad():
-            t_out = self.teacher(**self._kwargs(t_batch, self.need_hidden, self.need_attn))
-        s_out = model(**self._kwargs(batch, self.need_hidden, self.need_attn))
+            t_out = self.teacher(**forward_kwargs(t_batch, self.need_hidden, self.need_attn, self.teacher))
+        s_out = model(**forward_kwargs(batch, self.need_hidden, self.need_attn, model))
         labels = batch["labels"]
         s_logits = s_out.logits[..., : self.student_vocab]
         alpha = self.alpha
@@ -235,8 +226,8 @@ class CrossTokenizerObjective:
             device = batch["input_ids"].device
             t_batch = self._teacher_batch(views, device)
             need_h = self.embedding
-            t_out = self.teacher(**self._kwargs(t_batch, need_h, False))
-            s_out = model(**self._kwargs(batch, need_h, False))
+            t_out = self.teacher(**forward_kwargs(t_batch, need_h, False, self.teacher))
+            s_out = model(**forward_kwargs(batch, need_h, False, model))
             labels = batch["labels"]
             s_logits = s_out.logits[..., : self.student_vocab].float()
             t = kd_terms(s_logits, None, labels, need_soft=False)

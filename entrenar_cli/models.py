@@ -440,6 +440,33 @@ def _is_block_list(model: nn.Module, prefix: str) -> bool:
     return isinstance(module, nn.ModuleList)
 
 
+def compile_model(model: nn.Module) -> bool:
+    """torch.compile ``model`` in place, block by block where it has repeated blocks (True), else whole.
+
+    Regional compilation: every transformer block of one class shares one compiled graph (dynamo
+    treats a module's parameters as inputs), so compiling costs one block's graph instead of the whole
+    unrolled network, and the output head stays outside any graph, which the chunked logit losses
+    need (they take the head's input and weight). Only the outermost lists of same-class modules are
+    compiled (a block's own lists, e.g. MoE experts, compile with it). False: no repeated blocks, the
+    whole model was compiled.
+    """
+    from entrenar_cli.chunked_losses import unwrap_model
+
+    base = unwrap_model(model)
+    chosen: list[str] = []
+    for name, module in base.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(b) for b in module}) != 1:
+            continue
+        if any(name.startswith(prefix + ".") for prefix in chosen):
+            continue
+        chosen.append(name)
+        for block in module:
+            block.compile()
+    if not chosen:
+        model.compile()
+    return bool(chosen)
+
+
 def vocab_of(model: nn.Module) -> int:
     emb = model.get_input_embeddings()
     return int(emb.weight.shape[0])

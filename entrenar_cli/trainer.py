@@ -65,8 +65,11 @@ class Objective(Protocol):
     def to(self, device: torch.device) -> None:
         """Move what the objective owns (a teacher, extra parameters) to the training device."""
 
-    def compile(self) -> None:
-        """torch.compile what the objective runs besides the model (a teacher)."""
+    def compile(self, regional: bool) -> None:
+        """torch.compile what the objective runs besides the model (a teacher).
+
+        ``regional``: the model was compiled block by block (its output head outside any graph).
+        """
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -173,9 +176,10 @@ class Engine:
         self.model = model.to(self.device)
         objective.to(self.device)
         if getattr(settings, "compile", False):
+            from entrenar_cli.models import compile_model
+
             # in place (nn.Module.compile): state_dict keys and saved checkpoints stay unchanged
-            self.model.compile()
-            objective.compile()
+            objective.compile(compile_model(self.model))
         extra = list(objective.extra_parameters())
         params = [p for p in self.model.parameters() if p.requires_grad] + extra
         if not params:

@@ -581,14 +581,15 @@ def test_compile_and_switch_off_keep_materialised_logits() -> None:
         "chunked over tokens (budget 256.00 MiB")
     assert planned_logit_path(TrainingSettings(logits_budget_mb=64), {"model": student}).startswith(
         "chunked over tokens (budget 64.00 MiB")
-    assert "torch.compile" in planned_logit_path(TrainingSettings(compile=True), {"model": student})
+    # compile is regional (block by block): the head stays outside any graph and the chunked path stays on
+    assert planned_logit_path(TrainingSettings(compile=True), {"model": student}).startswith("chunked")
     assert planned_logit_path(TrainingSettings(chunked_logits=False), {"model": student}) == \
         "full logits (training.chunked_logits: false)"
     assert logits_budget(TrainingSettings(chunked_logits=False)) is None
     objective = LMObjective("causal", logits_budget=2**20)
-    objective.compile()
+    objective.compile(regional=False)  # a model without repeated blocks is compiled whole
     objective.loss_terms(student, _batch(0))
-    assert not objective.logit_path.enabled
+    assert not objective.logit_path.enabled and "compiled whole" in objective.logit_path.note
     from peft import LoraConfig, get_peft_model
 
     lora_head = get_peft_model(_tiny("llama", 6), LoraConfig(r=2, target_modules=["lm_head"]))
@@ -613,3 +614,17 @@ def test_chunked_estimate_does_not_grow_with_vocabulary() -> None:
     assert full_slope > 5 * row  # materialised: several fp32 logit rows per token
     assert chunked_slope < 0.25 * row  # the bar
     assert total(2, 2**28) < total(2, None) / 4
+
+
+def test_compile_is_regional_and_keeps_the_head_out_of_the_graph() -> None:
+    from entrenar_cli.models import compile_model
+
+    for arch, blocks in (("llama", lambda m: m.model.layers), ("gpt2", lambda m: m.transformer.h),
+                         ("bert", lambda m: m.bert.encoder.layer)):
+        model = _tiny(arch, 0)
+        assert compile_model(model)
+        assert all(b._compiled_call_impl is not None for b in blocks(model)), arch
+        assert model._compiled_call_impl is None and model.get_output_embeddings()._compiled_call_impl is None
+        assert list(model.state_dict()) == list(_tiny(arch, 0).state_dict())  # checkpoints keep their keys
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert not compile_model(flat) and flat._compiled_call_impl is not None  # nothing repeated: whole

@@ -385,7 +385,8 @@ class TrainingSettings(Section):
     device: Device = Field("auto", description="auto picks CUDA, then MPS, then CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     compile: bool = Field(
-        False, description="torch.compile the student and the teacher (GPUs; the first steps compile)."
+        False, description="torch.compile the student and the teacher block by block (regional: one graph per "
+        "block class, the output head left out so the chunked logit losses still apply); the first steps compile."
     )
     sharding: Literal["none", "fsdp"] = Field(
         "none", description="fsdp: shard the student's parameters, gradients and optimizer state (and the teacher) "

@@ -335,7 +335,6 @@ def _mlm_info(su: DistillSetup) -> dict[str, int] | None:
 def plan(su: DistillSetup) -> dict[str, Any]:
     """The resolved plan printed by --dry-run and stored in the summary."""
     from entrenar_cli import models, sharding
-    from entrenar_cli.objectives import planned_logit_path
 
     t_params, _ = models.count_parameters(su.teacher)
     s_params, s_train = models.count_parameters(su.student)
@@ -360,10 +359,20 @@ def plan(su: DistillSetup) -> dict[str, Any]:
         "vocab": su.vocab,
         "estimated_mem_bytes": estimate, "estimated_mem_note": sharding.memory_note(tr),
         **({"cross_tokenizer": su.cross.plan()} if su.cross is not None else {}),
-        "logit_loss": planned_logit_path(tr, {"student": su.student, "teacher": su.teacher})
-        if su.task in ("causal", "masked") else "",
+        "logit_loss": _logit_loss_line(su, tr),
         "on_policy": su.cfg.distillation.on_policy.model_dump(),
     }
+
+
+def _logit_loss_line(su: DistillSetup, tr: Any) -> str:
+    """How the logit losses run, for the plan ("" when the models compare no logits)."""
+    from entrenar_cli.objectives import planned_logit_path
+
+    if su.task not in ("causal", "masked"):
+        return ""
+    if su.cross is not None:  # cross_objective compares aligned positions' distributions, materialised
+        return "full logits on aligned positions (cross-tokenizer losses are not chunked)"
+    return planned_logit_path(tr, {"student": su.student, "teacher": su.teacher})
 
 
 def _memory_estimate(su: DistillSetup) -> int | None:
