@@ -93,20 +93,32 @@ def save_checkpoint(
         opt_tensors, opt_meta = _optimizer_to_flat(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda{i}"] = s
-        save_file(rng, str(tmp / "rng.safetensors"))
+        save_file(_rng_state(), str(tmp / "rng.safetensors"))
         # written last: its presence marks a complete checkpoint even without the atomic rename
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    _prune(output_dir, keep)
+    return target
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    """The CPU and every CUDA device's generator state, as tensors SafeTensors can hold."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda{i}"] = state
+    return rng
+
+
+def _prune(output_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints.
+
+    Each is renamed out of the listing first: a kill during the delete cannot leave a checkpoint that
+    has its trainer_state.json but lost its weights.
+    """
     for old in list_checkpoints(output_dir)[:-keep]:
-        # renamed out of the listing first: a kill during the delete cannot leave a checkpoint
-        # that has its trainer_state.json but lost its weights
         doomed = old.with_name(f".{old.name}.pruned")
         os.replace(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-    return target
 
 
 def load_checkpoint(
@@ -172,16 +184,9 @@ def save_sharded_checkpoint(
             dist.broadcast_object_list([str(tmp)], src=0)
             write_shards(tmp)
             (tmp / "optimizer.json").write_text(json.dumps(optimizer_meta))
-            rng = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                    rng[f"cuda{i}"] = s
-            save_file(rng, str(tmp / "rng.safetensors"))
+            save_file(_rng_state(), str(tmp / "rng.safetensors"))
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        for old in list_checkpoints(output_dir)[:-keep]:
-            doomed = old.with_name(f".{old.name}.pruned")
-            os.replace(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+        _prune(output_dir, keep)
     finally:
         dist.barrier()
     return target

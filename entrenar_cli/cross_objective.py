@@ -37,12 +37,7 @@ from entrenar_cli.losses import (
     kd_terms,
     pooled_cosine,
 )
-from entrenar_cli.objectives import forward_kwargs
-
-
-def _blocks_out(hidden_states: tuple[Tensor, ...]) -> list[Tensor]:
-    """Per-block outputs 0..n-1 with the embedding output at -1 (the YAML's layer indices)."""
-    return [*hidden_states[1:], hidden_states[0]]
+from entrenar_cli.objectives import TeacherObjective, block_outputs, forward_kwargs
 
 
 def _fit(keys: np.ndarray, rows: int) -> Tensor:
@@ -53,7 +48,7 @@ def _fit(keys: np.ndarray, rows: int) -> Tensor:
     return torch.from_numpy(out)
 
 
-class CrossTokenizerObjective:
+class CrossTokenizerObjective(TeacherObjective):
     """Distillation against a frozen teacher whose tokenizer differs from the student's."""
 
     def __init__(self, teacher: nn.Module, settings: Any, *, method: str, shared: SharedVocab,
@@ -80,25 +75,6 @@ class CrossTokenizerObjective:
         self.progress = 0.0
 
     # ---- the engine's interface -----------------------------------------------------------------
-
-    def set_progress(self, fraction: float) -> None:
-        """Where the run is (0 at the first step, 1 at the last): drives the alpha schedule."""
-        self.progress = min(1.0, max(0.0, fraction))
-
-    @property
-    def alpha(self) -> float:
-        end = getattr(self.s, "alpha_end", None)
-        return self.s.alpha if end is None else self.s.alpha + (end - self.s.alpha) * self.progress
-
-    def extra_parameters(self) -> list[nn.Parameter]:
-        if self.progressive is not None and self.progressive.projections is not None:
-            return list(self.progressive.projections.parameters())
-        return []
-
-    def to(self, device: torch.device) -> None:
-        self.teacher.to(device)
-        if self.progressive is not None:
-            self.progressive.to(device)
 
     def compile(self, regional: bool = True) -> None:
         from entrenar_cli.models import compile_model
@@ -190,8 +166,8 @@ class CrossTokenizerObjective:
             s_pool, t_pool, span_mask = self._span_pools(views, batch["input_ids"].shape[1],
                                                          t_batch["input_ids"].shape[1], device)
         if self.progressive is not None:
-            s_h = [s_pool @ h.float() for h in _blocks_out(s_out.hidden_states)]
-            t_h = [t_pool @ h.float() for h in _blocks_out(t_out.hidden_states)]
+            s_h = [s_pool @ h.float() for h in block_outputs(s_out.hidden_states)]
+            t_h = [t_pool @ h.float() for h in block_outputs(t_out.hidden_states)]
             hidden = self.progressive.sum_loss(s_h, t_h, span_mask)
             loss = loss + self.s.progressive.weight * hidden
             out["loss_hidden"] = hidden

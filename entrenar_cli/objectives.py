@@ -158,7 +158,7 @@ class LogitPath:
         return True
 
 
-def _block_outputs(hidden_states: tuple[Tensor, ...]) -> list[Tensor]:
+def block_outputs(hidden_states: tuple[Tensor, ...]) -> list[Tensor]:
     """Per-block outputs indexed 0..n-1, with the embedding output at index -1.
 
     transformers returns (embeddings, block_0 out, ..., block_{n-1} out); the YAML's layer
@@ -218,7 +218,42 @@ class LMObjective:
             self.logit_path.compiled()
 
 
-class DistillObjective:
+class TeacherObjective:
+    """What every objective with a frozen teacher shares: the alpha schedule, projections, placement.
+
+    Subclasses set ``teacher``, ``s`` (distillation settings), ``progressive`` and ``progress``.
+    """
+
+    teacher: nn.Module
+    s: Any
+    progressive: ProgressiveDistillation | None
+    progress: float
+
+    def set_progress(self, fraction: float) -> None:
+        """Where the run is (0 at the first step, 1 at the last): drives the alpha schedule."""
+        self.progress = min(1.0, max(0.0, fraction))
+
+    @property
+    def alpha(self) -> float:
+        """The KD weight of this step: constant, or linear from alpha to alpha_end."""
+        end = getattr(self.s, "alpha_end", None)
+        if end is None:
+            return self.s.alpha
+        return self.s.alpha + (end - self.s.alpha) * self.progress
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        if self.progressive is not None and self.progressive.projections is not None:
+            return list(self.progressive.projections.parameters())
+        return []
+
+    def to(self, device: torch.device) -> None:
+        """The teacher (and the hidden-state projections) live where the student trains."""
+        self.teacher.to(device)
+        if self.progressive is not None:
+            self.progressive.to(device)
+
+
+class DistillObjective(TeacherObjective):
     """Logit KD + hard CE, hidden-state matching and attention transfer against a frozen teacher."""
 
     def __init__(self, teacher: nn.Module, settings: Any, *, task: str, vocab: int,
@@ -272,29 +307,6 @@ class DistillObjective:
                               f"{op.prompt_tokens + op.max_new_tokens} exceeds the teacher's {limit} positions",
                               hint=f"lower max_new_tokens to {max(1, limit - op.prompt_tokens)} or less")
 
-    def set_progress(self, fraction: float) -> None:
-        """Where the run is (0 at the first step, 1 at the last): drives the alpha schedule."""
-        self.progress = min(1.0, max(0.0, fraction))
-
-    @property
-    def alpha(self) -> float:
-        """The KD weight of this step: constant, or linear from alpha to alpha_end."""
-        end = getattr(self.s, "alpha_end", None)
-        if end is None:
-            return self.s.alpha
-        return self.s.alpha + (end - self.s.alpha) * self.progress
-
-    def extra_parameters(self) -> list[nn.Parameter]:
-        if self.progressive is not None and self.progressive.projections is not None:
-            return list(self.progressive.projections.parameters())
-        return []
-
-    def to(self, device: torch.device) -> None:
-        """The teacher (and the hidden-state projections) live where the student trains."""
-        self.teacher.to(device)
-        if self.progressive is not None:
-            self.progressive.to(device)
-
     def compile(self, regional: bool = True) -> None:
         from entrenar_cli.models import compile_model
 
@@ -330,7 +342,7 @@ class DistillObjective:
         if missing:
             self.cache.misses += len(missing)
             self.cache.hits += len(ids) - len(missing)
-            self.cache.put(ids, self.cache.compress(self._teacher(batch), _block_outputs))
+            self.cache.put(ids, self.cache.compress(self._teacher(batch), block_outputs))
         else:
             self.cache.hits += len(ids)
         got = self.cache.get(ids, batch["input_ids"].device)
@@ -386,7 +398,12 @@ class DistillObjective:
         return out
 
     def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        batch = self._prepare(batch)
+        """Loss sums of one micro-batch (b sequences of s tokens); the engine normalises per step.
+
+        Keys: "loss" (token-level sum with the gradient), "loss_seq" (sequence-level sum: attention and
+        embedding terms), "tokens" (tokens whose label counts), and detached parts for the logs.
+        """
+        batch = self._prepare(batch)  # input_ids, attention_mask, labels: [b, s]
         # the student's own continuation (prepare_step): pure divergence on its generated tokens
         on_policy = "on_policy" in batch and self.on_policy is not None
         chunked = self._chunked(model, batch)
@@ -395,21 +412,21 @@ class DistillObjective:
         if self.cache is not None and "block_ids" in batch:
             topk, t_hidden, t_attn = self._cached_teacher(batch)
         else:
-            if chunked:
+            if chunked:  # [b, s, d_t]: the teacher's logits are formed a chunk at a time in the loss
                 t_head_in, t_out = self._teacher_hidden(batch, self.need_hidden, self.need_attn)
             else:
                 t_out = self._teacher(batch)
-                t_logits = t_out.logits[..., : self.vocab] if self.use_logits else None
-            t_hidden = _block_outputs(t_out.hidden_states) if self.need_hidden else None
-            t_attn = t_out.attentions if self.need_attn else None
+                t_logits = t_out.logits[..., : self.vocab] if self.use_logits else None  # [b, s, V]
+            t_hidden = block_outputs(t_out.hidden_states) if self.need_hidden else None  # L x [b, s, d_t]
+            t_attn = t_out.attentions if self.need_attn else None  # L x [b, heads, s, s]
         kwargs = forward_kwargs(batch, self.need_hidden, self.need_attn, model)
         if chunked:
             from entrenar_cli.chunked_losses import final_hidden
 
-            s_head_in, s_out = final_hidden(model, **kwargs)
+            s_head_in, s_out = final_hidden(model, **kwargs)  # [b, s, d_s]; s_out.logits is a placeholder
         else:
-            s_out = model(**kwargs)
-        mask = batch["attention_mask"].float()
+            s_out = model(**kwargs)  # logits [b, s, V_s]
+        mask = batch["attention_mask"].float()  # [b, s]
         out: dict[str, Tensor] = {}
         loss = torch.zeros((), device=mask.device)
         if self.use_logits:
@@ -447,7 +464,7 @@ class DistillObjective:
         else:
             out["tokens"] = mask.sum()
         if self.progressive is not None:
-            hidden = self.progressive.sum_loss(_block_outputs(s_out.hidden_states), t_hidden, mask)
+            hidden = self.progressive.sum_loss(block_outputs(s_out.hidden_states), t_hidden, mask)
             loss = loss + self.s.progressive.weight * hidden
             out["loss_hidden"] = hidden
         out["loss"] = loss

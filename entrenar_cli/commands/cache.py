@@ -105,7 +105,7 @@ def fill(cfg: Any, *, shard_blocks: int | None = None, rebuild: bool = False,
     from entrenar_cli.data import DistillationCollator
     from entrenar_cli.errors import ConfigError
     from entrenar_cli.fsutil import write_json_atomic
-    from entrenar_cli.objectives import _block_outputs, forward_kwargs
+    from entrenar_cli.objectives import block_outputs, forward_kwargs
     from entrenar_cli.pipeline.distill import setup, teacher_cache_bytes_per_token, teacher_cache_spec
     from entrenar_cli.teacher_cache import TeacherCache, index_shards, read_manifest
 
@@ -156,7 +156,7 @@ def fill(cfg: Any, *, shard_blocks: int | None = None, rebuild: bool = False,
             batch = collator.collate([su.train_blocks.block(j) for j in ids])
             batch = {k: v.to(device) for k, v in batch.items()}
             out = teacher(**forward_kwargs(batch, need_hidden, need_attn, teacher))
-            pending.update(tc.encode_batch(ids, tc.compress(out, _block_outputs)))
+            pending.update(tc.encode_batch(ids, tc.compress(out, block_outputs)))
             pending_ids.extend(ids)
             tokens += int(batch["input_ids"].numel())
             if len(pending_ids) >= per_shard:

@@ -153,10 +153,10 @@ class SafeTensorsTeacher(TeacherModel):
     def hidden_states(self, input_ids: Any, attention_mask: Any = None) -> list[Tensor]:
         """Per-block outputs ``[batch, seq, hidden]``: index ``i`` is block ``i`` and ``-1`` the embedding
         output (the layer-mapping convention of ``with_progressive``)."""
-        from entrenar_cli.objectives import _block_outputs
+        from entrenar_cli.objectives import block_outputs
 
         out = self._run(input_ids, attention_mask, output_hidden_states=True)
-        return _block_outputs(out.hidden_states)
+        return block_outputs(out.hidden_states)
 
     def attention_weights(self, input_ids: Any, attention_mask: Any = None) -> list[Tensor]:
         """Per-layer attention maps ``[batch, heads, seq, seq]`` (computed with eager attention)."""
