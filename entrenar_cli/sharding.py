@@ -247,6 +247,14 @@ def mark_planned(settings: Any, *models: nn.Module) -> None:
                 setattr(m, SHARDED_ATTR, True)
 
 
+def planned_logits_budget(settings: Any) -> int | None:
+    """The chunk budget the memory plan counts: None (materialised logits) when the run will be sharded,
+    since a sharded model's head weight is a shard outside forward and the chunked losses step aside."""
+    from entrenar_cli.chunking import logits_budget
+
+    return None if requested_sharding(settings) == "fsdp" else logits_budget(settings)
+
+
 def plan_memory_bytes(est: Any, settings: Any, student_config: dict[str, Any],
                       teacher_config: dict[str, Any] | None = None) -> int:
     """The plan's memory figure: one device's share under FSDP (estimate.training.per_device_estimate

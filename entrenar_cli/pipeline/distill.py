@@ -378,7 +378,6 @@ def _logit_loss_line(su: DistillSetup, tr: Any) -> str:
 def _memory_estimate(su: DistillSetup) -> int | None:
     """Training-memory estimate for the plan (advice: see common.advisory_estimate)."""
     from entrenar_cli import lora_defaults, sharding
-    from entrenar_cli.chunking import logits_budget
     from entrenar_cli.memory import estimate_training
 
     def compute() -> int:
@@ -393,7 +392,7 @@ def _memory_estimate(su: DistillSetup) -> int | None:
             attention="eager" if su.cfg.distillation.attention.enabled else "sdpa",
             teacher_config=su.teacher.config.to_dict(), lora_alpha=lora.alpha if lora else None,
             lora_dropout=lora.dropout if lora else 0.0, gradient_accumulation=tr.gradient_accumulation,
-            device="cuda" if su.device.type == "cuda" else "cpu", logits_budget=logits_budget(tr),
+            device="cuda" if su.device.type == "cuda" else "cpu", logits_budget=sharding.planned_logits_budget(tr),
         )
         return sharding.plan_memory_bytes(est, tr, student_cfg, su.teacher.config.to_dict())
 

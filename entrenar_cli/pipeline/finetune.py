@@ -187,8 +187,8 @@ def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
 
 def _estimate(su: FineTuneSetup) -> int | None:
     """Training-memory estimate for the plan (advice: see common.advisory_estimate)."""
-    from entrenar_cli.chunking import logits_budget
     from entrenar_cli.memory import estimate_training
+    from entrenar_cli.sharding import plan_memory_bytes, planned_logits_budget
 
     def compute() -> int:
         tr = su.cfg.training
@@ -199,9 +199,7 @@ def _estimate(su: FineTuneSetup) -> int | None:
                                 gradient_checkpointing=tr.gradient_checkpointing, lora_alpha=su.cfg.lora.alpha,
                                 lora_dropout=su.cfg.lora.dropout, gradient_accumulation=tr.gradient_accumulation,
                                 device="cuda" if su.model.device.type == "cuda" else "cpu",
-                                logits_budget=logits_budget(tr))
-        from entrenar_cli.sharding import plan_memory_bytes
-
+                                logits_budget=planned_logits_budget(tr))
         return plan_memory_bytes(est, tr, su.model.config.to_dict())
 
     return advisory_estimate(compute)
