@@ -61,15 +61,15 @@ def case(vocab: int, batch: int, seq: int, chunked: bool) -> dict[str, Any]:
 
     def step() -> float:
         terms = objective.loss_terms(student, data)
-        (terms["loss"] / terms["tokens"]).backward()
+        (terms.loss / terms.tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(terms["loss"] / terms["tokens"])
+        return float(terms.loss / terms.tokens)
 
     # build optimizer state on one token so the measured step's baseline includes it
     small = {k: v[:1, :8] for k, v in data.items()}
     terms = objective.loss_terms(student, small)
-    terms["loss"].backward()
+    terms.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     base = _rss()

@@ -28,6 +28,7 @@ from entrenar_cli.cross_tokenizer import (
     span_ids,
 )
 from entrenar_cli.errors import TrainingError
+from entrenar_cli.loss_terms import LossTerms
 from entrenar_cli.losses import (
     IGNORE_INDEX,
     AttentionTransfer,
@@ -142,7 +143,7 @@ class CrossTokenizerObjective(TeacherObjective):
 
     # ---- loss ----------------------------------------------------------------------------------
 
-    def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> LossTerms:
         views = self._views(batch)
         device = batch["input_ids"].device
         t_batch = self._teacher_batch(views, device)
@@ -153,14 +154,13 @@ class CrossTokenizerObjective(TeacherObjective):
         s_logits = s_out.logits[..., : self.student_vocab]
         alpha = self.alpha
         terms = kd_terms(s_logits, None, labels, need_soft=False)
-        out: dict[str, Tensor] = {"loss_ce": terms.hard, "tokens": terms.count}
-        loss = (1.0 - alpha) * terms.hard
+        out = LossTerms(loss=(1.0 - alpha) * terms.hard, tokens=terms.count, per_token={"loss_ce": terms.hard})
         if alpha > 0:
             r, s, t = self._aligned_index(views, labels)
             soft = self._soft(s_logits[r, s], t_out.logits[r, t], self.s.temperature)
-            loss = loss + alpha * soft
-            out["loss_kd"] = soft
-            out["aligned_tokens"] = torch.tensor(float(r.numel()), device=device)
+            out.loss = out.loss + alpha * soft
+            out.per_token["loss_kd"] = soft
+            out.counters["aligned_tokens"] = torch.tensor(float(r.numel()), device=device)
         seq_terms = self.progressive is not None or self.attention is not None or self.embedding
         if seq_terms:
             s_pool, t_pool, span_mask = self._span_pools(views, batch["input_ids"].shape[1],
@@ -169,25 +169,23 @@ class CrossTokenizerObjective(TeacherObjective):
             s_h = [s_pool @ h.float() for h in block_outputs(s_out.hidden_states)]
             t_h = [t_pool @ h.float() for h in block_outputs(t_out.hidden_states)]
             hidden = self.progressive.sum_loss(s_h, t_h, span_mask)
-            loss = loss + self.s.progressive.weight * hidden
-            out["loss_hidden"] = hidden
-        out["loss"] = loss
-        seq_loss = torch.zeros((), device=device)
+            out.loss = out.loss + self.s.progressive.weight * hidden
+            out.per_token["loss_hidden"] = hidden
+        if self.attention is not None or self.embedding:
+            out.sequence_loss = torch.zeros((), device=device)
         if self.attention is not None:
             total = torch.zeros((), device=device)
             for s_layer, t_layer in self.attention.layer_mapping:
                 total = total + attention_transfer_sum(pooled_attention(s_out.attentions[s_layer], s_pool),
                                                        pooled_attention(t_out.attentions[t_layer], t_pool), span_mask)
             attn = total / len(self.attention.layer_mapping)
-            out["loss_attn"] = attn
-            seq_loss = seq_loss + self.s.attention.weight * attn
+            out.per_sequence["loss_attn"] = attn
+            out.sequence_loss = out.sequence_loss + self.s.attention.weight * attn
         if self.embedding:
             emb = embedding_cosine_sum(s_pool @ s_out.hidden_states[-1].float(),
                                        t_pool @ t_out.hidden_states[-1].float(), span_mask, self.s.embedding.pooling)
-            out["loss_embedding"] = emb
-            seq_loss = seq_loss + self.s.embedding.weight * emb
-        if self.attention is not None or self.embedding:
-            out["loss_seq"] = seq_loss
+            out.per_sequence["loss_embedding"] = emb
+            out.sequence_loss = out.sequence_loss + self.s.embedding.weight * emb
         return out
 
     def evaluate(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from entrenar_cli.loss_terms import LossTerms
 from entrenar_cli.losses import (
     IGNORE_INDEX,
     AttentionTransfer,
@@ -193,9 +194,9 @@ class LMObjective:
             return KDTerms(soft=terms.soft, hard=hard, count=terms.count)  # hard: the sum with its gradient
         return kd_terms(model(**kwargs).logits, None, batch["labels"], need_soft=False)
 
-    def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> LossTerms:
         terms = self._ce(model, self._prepare(batch, model))
-        return {"loss": terms.hard, "loss_ce": terms.hard.detach(), "tokens": terms.count}
+        return LossTerms(loss=terms.hard, tokens=terms.count, per_token={"loss_ce": terms.hard.detach()})
 
     def evaluate(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         ce = n = 0.0
@@ -397,11 +398,11 @@ class DistillObjective(TeacherObjective):
                             for k, v in batch.items()})
         return out
 
-    def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> LossTerms:
         """Loss sums of one micro-batch (b sequences of s tokens); the engine normalises per step.
 
-        Keys: "loss" (token-level sum with the gradient), "loss_seq" (sequence-level sum: attention and
-        embedding terms), "tokens" (tokens whose label counts), and detached parts for the logs.
+        Per token: CE, KD (or the on-policy divergence), hidden-state matching; per sequence: attention
+        transfer and embedding cosine (``LossTerms.sequence_loss``).
         """
         batch = self._prepare(batch)  # input_ids, attention_mask, labels: [b, s]
         # the student's own continuation (prepare_step): pure divergence on its generated tokens
@@ -427,8 +428,7 @@ class DistillObjective(TeacherObjective):
         else:
             s_out = model(**kwargs)  # logits [b, s, V_s]
         mask = batch["attention_mask"].float()  # [b, s]
-        out: dict[str, Tensor] = {}
-        loss = torch.zeros((), device=mask.device)
+        out = LossTerms(loss=torch.zeros((), device=mask.device), tokens=mask.sum())
         if self.use_logits:
             alpha = 1.0 if on_policy else self.alpha  # no CE on self-generated tokens
             kind = self.on_policy.loss if on_policy else self.s.kd_loss
@@ -451,35 +451,31 @@ class DistillObjective(TeacherObjective):
                                  temperature=self.s.temperature, kind=kind, need_soft=need_soft,
                                  need_hard=not on_policy, teacher_topk=topk, beta=self.beta)
                 total = terms.total(alpha)
-            loss = loss + total
+            out.loss = out.loss + total
             if on_policy:
-                out["loss_on_policy"] = terms.soft
-                out["generated_tokens"] = batch["generated_tokens"]
-                out["generation_s"] = batch["generation_s"]
+                out.per_token["loss_on_policy"] = terms.soft
+                out.counters["generated_tokens"] = batch["generated_tokens"]
+                out.counters["generation_s"] = batch["generation_s"]
             else:
                 if need_soft:
-                    out["loss_kd"] = terms.soft
-                out["loss_ce"] = terms.hard
-            out["tokens"] = terms.count
-        else:
-            out["tokens"] = mask.sum()
+                    out.per_token["loss_kd"] = terms.soft
+                out.per_token["loss_ce"] = terms.hard
+            out.tokens = terms.count
         if self.progressive is not None:
             hidden = self.progressive.sum_loss(block_outputs(s_out.hidden_states), t_hidden, mask)
-            loss = loss + self.s.progressive.weight * hidden
-            out["loss_hidden"] = hidden
-        out["loss"] = loss
-        seq_loss = torch.zeros((), device=mask.device)
+            out.loss = out.loss + self.s.progressive.weight * hidden
+            out.per_token["loss_hidden"] = hidden
+        if self.attention is not None or self.embedding:
+            out.sequence_loss = torch.zeros((), device=mask.device)
         if self.attention is not None:
             attn = self.attention.sum_loss(s_out.attentions, t_attn, mask)
-            out["loss_attn"] = attn
-            seq_loss = seq_loss + self.s.attention.weight * attn
+            out.per_sequence["loss_attn"] = attn
+            out.sequence_loss = out.sequence_loss + self.s.attention.weight * attn
         if self.embedding:
             emb = embedding_cosine_sum(s_out.hidden_states[-1], t_hidden[self.teacher_last], mask,
                                        self.s.embedding.pooling)
-            out["loss_embedding"] = emb
-            seq_loss = seq_loss + self.s.embedding.weight * emb
-        if self.attention is not None or self.embedding:
-            out["loss_seq"] = seq_loss
+            out.per_sequence["loss_embedding"] = emb
+            out.sequence_loss = out.sequence_loss + self.s.embedding.weight * emb
         return out
 
     @torch.no_grad()

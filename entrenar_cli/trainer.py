@@ -42,19 +42,16 @@ from entrenar_cli.checkpoint import (
 )
 from entrenar_cli.data import BlockDataset, DistillationCollator, epoch_order
 from entrenar_cli.errors import TrainingError
+from entrenar_cli.loss_terms import LossTerms, accumulate, means
 from entrenar_cli.precision import precision_dtype, resolve_precision  # noqa: F401 - re-exported
 from entrenar_cli.signals import STOP, pause_for_tests
-
-# loss terms averaged per sequence rather than per token
-SEQUENCE_TERMS = {"loss_attn", "loss_embedding", "loss_seq"}
 
 
 class Objective(Protocol):
     """What a run optimises. Sums, not means: the engine divides by the step's token count."""
 
-    def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Named loss sums for one micro-batch, including ``loss`` (the weighted total) and
-        ``tokens`` (valid tokens) and ``sequences``; every term is a sum over tokens/sequences."""
+    def loss_terms(self, model: nn.Module, batch: dict[str, Tensor]) -> LossTerms:
+        """One micro-batch's loss sums (per token and per sequence) and its counted tokens."""
 
     def evaluate(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
         """Held-out metrics (perplexity, KL to teacher, agreement, ...)."""
@@ -306,7 +303,7 @@ class Engine:
             return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return torch.autocast(self.device.type, enabled=False)
 
-    def _run_step(self, batches: list[dict[str, Tensor]] | None = None) -> dict[str, Tensor]:
+    def _run_step(self, batches: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
         """Forward/backward over the step's micro-batches; loss normalised by the step's tokens."""
         batches = self._step_batches() if batches is None else batches
         if hasattr(self.objective, "set_progress"):  # loss-weight schedules (distillation.alpha_end)
@@ -323,7 +320,7 @@ class Engine:
         # DDP averages gradients over processes; scaling by world makes the result the global mean
         tok_norm = self.world / max(1.0, float(counts[0]))
         seq_norm = self.world / max(1.0, float(counts[1]))
-        logged: dict[str, Tensor] = {}
+        logged: dict[str, Tensor | float] = {}
         self.model.train()
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -333,16 +330,14 @@ class Engine:
             with sync:
                 with self._autocast():
                     terms = self.objective.loss_terms(self.model, batch)
-                loss = terms["loss"] * tok_norm + terms.get("loss_seq", 0.0) * seq_norm
+                loss = terms.objective(tok_norm, seq_norm)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 elif self.sharded:
                     loss.backward()
                 else:
                     self.accelerator.backward(loss)
-            for k, v in terms.items():
-                logged[k] = logged.get(k, 0.0) + v.detach()
-            logged["sequences"] = logged.get("sequences", 0.0) + batch["input_ids"].shape[0]
+            accumulate(logged, terms.totals(sequences=batch["input_ids"].shape[0]))
         # the objective's own parameters (hidden-state projections) are outside DDP/FSDP: average them here
         sharding.average_gradients(self._extra)
         return logged
@@ -605,8 +600,7 @@ class Engine:
                         )
                     continue
                 self.state.bad_in_row = 0
-                for k, v in logged.items():
-                    acc[k] = acc.get(k, 0.0) + v
+                accumulate(acc, logged)
                 step_tokens = int(logged["tokens"]) * self.world
                 self.state.tokens += step_tokens
                 window_tokens += step_tokens
@@ -620,23 +614,12 @@ class Engine:
                                          for k in keys]),
                             reduction="sum")
                         acc = dict(zip(keys, summed))
-                    tokens = max(1.0, float(acc.pop("tokens")))
-                    seqs = max(1.0, float(acc.pop("sequences")))
                     record: dict[str, Any] = {"event": "train", "step": self.state.step,
                                               "epoch": round(self.state.step / max(1, self.steps_per_epoch()), 4),
                                               "tokens": self.state.tokens, "lr": self.scheduler.get_last_lr()[0]}
-                    # terms are sums: attention transfer is per sequence, everything else per token
-                    for k, v in sorted(acc.items()):
-                        if k.startswith("loss") and k != "loss_seq":
-                            record[k] = float(v) / (seqs if k in SEQUENCE_TERMS else tokens)
-                    if "loss_seq" in acc:
-                        record["loss"] = record.get("loss", 0.0) + float(acc["loss_seq"]) / seqs
+                    record.update(self._logged_means(acc))
                     record["grad_norm"] = norm
                     record["tokens_per_s"] = window_tokens / max(1e-9, now - window_t)
-                    if "generated_tokens" in acc:  # on-policy distillation: what sampling produced and its speed
-                        record["generated_tokens"] = int(acc["generated_tokens"])
-                        record["generated_tokens_per_s"] = float(acc["generated_tokens"]) / max(
-                            1e-9, float(acc.get("generation_s", 0.0)) / self.world)
                     record["peak_mem_bytes"] = peak_memory_bytes(self.device)
                     record["elapsed_s"] = now - t_start
                     record["skipped_steps"] = self.state.skipped_steps
@@ -709,13 +692,17 @@ class Engine:
                 raise TrainingError(f"{self.state.bad_in_row} optimizer steps in a row had non-finite loss or "
                                     f"gradients (step {self.state.step})",
                                     hint="lower training.learning_rate, or use training.mixed_precision fp32")
-        tokens = max(1.0, float(logged["tokens"]))
-        seqs = max(1.0, float(logged["sequences"]))
-        out = {k: float(v) / (seqs if k in SEQUENCE_TERMS else tokens)
-               for k, v in logged.items() if k.startswith("loss") and k != "loss_seq"}
-        if "loss_seq" in logged:
-            out["loss"] = out.get("loss", 0.0) + float(logged["loss_seq"]) / seqs
+        out: dict[str, float] = self._logged_means(logged)
         out["grad_norm"] = norm
+        return out
+
+    def _logged_means(self, totals: dict[str, Any]) -> dict[str, Any]:
+        """Loss parts as means of their kind (loss_terms.means); on-policy counters with their speed."""
+        out: dict[str, Any] = means(totals)
+        seconds = out.pop("generation_s", None)
+        if "generated_tokens" in out:  # on-policy distillation: what sampling produced and its speed
+            out["generated_tokens"] = int(out["generated_tokens"])
+            out["generated_tokens_per_s"] = out["generated_tokens"] / max(1e-9, (seconds or 0.0) / self.world)
         return out
 
 

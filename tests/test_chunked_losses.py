@@ -483,9 +483,9 @@ def _terms_and_grads(objective: Any, student: torch.nn.Module, batch: dict[str, 
     student.zero_grad(set_to_none=True)
     torch.manual_seed(0)  # dropout
     terms = objective.loss_terms(student, batch)
-    terms["loss"].backward()
+    terms.loss.backward()
     grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
-    return {k: float(v.detach()) for k, v in terms.items()}, grads
+    return {k: float(v.detach()) for k, v in terms.named().items()}, grads
 
 
 def _trimmed_batch(seed: int) -> dict[str, Tensor]:
@@ -568,7 +568,7 @@ def test_head_with_unknown_post_processing_falls_back_and_says_why() -> None:
     assert not objective.logit_path.enabled and "does not reproduce its logits" in objective.logit_path.note
     reference = kd_terms(doubled(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, None,
                          batch["labels"], need_soft=False)
-    assert float(terms["loss"]) == pytest.approx(float(reference.hard), rel=1e-6)
+    assert float(terms.loss) == pytest.approx(float(reference.hard), rel=1e-6)
 
 
 def test_compile_and_switch_off_keep_materialised_logits() -> None:

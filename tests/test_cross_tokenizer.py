@@ -347,7 +347,7 @@ def test_objective_all_terms_finite_gradients(tmp_path: Path, text_dir: Path, sm
         batch = collate([train.block(i) for i in (0, 3)])
         batch["block_ids"] = torch.tensor([0, 3])
         student.zero_grad()
-        terms = obj.loss_terms(student, batch)
+        terms = obj.loss_terms(student, batch).named()
         for k in ("loss", "loss_ce", "loss_kd", "loss_hidden", "loss_attn", "loss_embedding", "loss_seq"):
             assert torch.isfinite(terms[k]), k
             assert terms[k].item() > 0, k

@@ -149,7 +149,7 @@ def test_on_policy_loss_is_the_divergence_on_generated_tokens_only(tiny_llama: P
     valid = gen["labels"] != IGNORE_INDEX
     assert not valid[:, :7].any()  # prompt positions carry no loss
     assert int(valid.sum()) == int(gen["generated_tokens"]) > 0
-    terms = obj.loss_terms(model, gen)
+    terms = obj.loss_terms(model, gen).named()
     assert "loss_ce" not in terms and "loss_kd" not in terms
     # by hand: T^2 * KL(student || teacher) at T=2 over generated positions, nothing else
     with torch.no_grad():
@@ -162,7 +162,7 @@ def test_on_policy_loss_is_the_divergence_on_generated_tokens_only(tiny_llama: P
     torch.testing.assert_close(terms["loss"], want, rtol=1e-4, atol=1e-5)
     assert float(terms["tokens"]) == float(valid.sum())
     # the other rows keep today's KD + CE
-    assert {"loss_kd", "loss_ce"} <= set(obj.loss_terms(model, rest))
+    assert {"loss_kd", "loss_ce"} <= set(obj.loss_terms(model, rest).named())
 
 
 def test_fraction_zero_is_todays_behaviour_and_bad_settings_are_config_errors(tiny_llama: Path, stdlib_text: Path,

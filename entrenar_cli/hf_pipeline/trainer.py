@@ -343,10 +343,8 @@ class DistillationTrainer:
             terms = objective.loss_terms(lambda **_: outputs, {"input_ids": ids, "attention_mask": mask, "labels": y})
         finally:
             objective.mlm_info = saved_mlm
-        loss = terms["loss"] / terms["tokens"].clamp_min(1)
-        if "loss_seq" in terms:
-            loss = loss + terms["loss_seq"] / ids.shape[0]
-        return loss
+        # this one micro-batch is the whole step: its own token and sequence counts normalise it
+        return terms.objective(1.0 / max(1.0, float(terms.tokens)), 1.0 / ids.shape[0])
 
     def simulate_step(self, loss: float | Tensor) -> None:
         """Bookkeeping only: record a step's loss computed elsewhere (trains nothing; see :meth:`step`)."""
