@@ -32,15 +32,9 @@ import sys
 import time
 from typing import Any
 
+from bench.procfs import available_bytes, rss_bytes
+
 OLD_ROWS_PER_TOKEN = 6  # s, t, their index_select copies, the fused gradient, its scaled copy
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class _Stop(Exception):
@@ -105,7 +99,7 @@ def _case(path: str, vocab: int, tokens: int, hidden: int, steps: int, kind: str
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss()
+        base = rss_bytes()
     times, cpu = [], []
     loss = 0.0
     for _ in range(steps):
@@ -128,14 +122,6 @@ def _case(path: str, vocab: int, tokens: int, hidden: int, steps: int, kind: str
             "added_bytes": added, "rows_per_token": added / (tokens * vocab * 4), "loss_per_token": loss / tokens,
             "chunk_rows": chunk_rows(vocab, teacher=not ce) if "chunked" in path else None,
             "probe_chunks": probe if "chunked" in path else 0}
-
-
-def _available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def main() -> None:
@@ -166,9 +152,9 @@ def main() -> None:
     print(f"{'path':<11}{'V':>8}{'tokens':>8}{'added GiB':>11}{'rows/token':>12}{'step s':>9}{'cpu s':>9}  note")
     for path, vocab, tokens in grid:
         need = OLD_ROWS_PER_TOKEN * tokens * vocab * 4 if "old" in path else 2 * 2**30
-        if need > args.max_gb * 2**30 or need > _available() - 2 * 2**30:
+        if need > args.max_gb * 2**30 or need > available_bytes() - 2 * 2**30:
             print(f"{path:<11}{vocab:>8}{tokens:>8}{'-':>11}{'-':>12}{'-':>9}{'-':>9}  skipped: needs "
-                  f"~{need / 2**30:.1f} GiB (limit {args.max_gb:g}, available {_available() / 2**30:.1f})")
+                  f"~{need / 2**30:.1f} GiB (limit {args.max_gb:g}, available {available_bytes() / 2**30:.1f})")
             continue
         cmd = [sys.executable, "-m", "bench.chunked_losses", "--case", f"{path}:{vocab}:{tokens}",
                "--hidden", str(args.hidden), "--steps", str(args.steps), "--kind", args.kind,

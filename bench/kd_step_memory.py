@@ -23,15 +23,9 @@ import sys
 import time
 from typing import Any
 
+from bench.procfs import rss_bytes
+
 OLD_ROWS_PER_TOKEN = 5.6  # what the materialised path measured (issue 17)
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def case(vocab: int, batch: int, seq: int, chunked: bool) -> dict[str, Any]:
@@ -72,7 +66,7 @@ def case(vocab: int, batch: int, seq: int, chunked: bool) -> dict[str, Any]:
     terms.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    base = _rss()
+    base = rss_bytes()
     t0 = time.process_time()
     loss = step()
     cpu = time.process_time() - t0
