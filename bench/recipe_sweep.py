@@ -68,12 +68,23 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
     "a05-imp": ("forward KL, T=1, alpha=0.5, student layers by importance",
                 ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance",
                  "training.learning_rate=5e-4"], "ce-imp"),
+    "a03-imp": ("forward KL, T=1, alpha=0.3, student layers by importance",
+                ["distillation.alpha=0.3", "student.init_from_teacher.strategy=importance",
+                 "training.learning_rate=5e-4"], "ce-imp"),
+    "sched-imp": ("forward KL, T=1, alpha annealed 0.9 -> 0.1, student layers by importance",
+                  ["distillation.alpha=0.9", "distillation.alpha_end=0.1",
+                   "student.init_from_teacher.strategy=importance", "training.learning_rate=5e-4"], "ce-imp"),
+    "a05-imp-lr1e3": ("forward KL, T=1, alpha=0.5, lr 1e-3, student layers by importance",
+                      ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance",
+                       "training.learning_rate=1e-3"], "ce-imp-lr1e3"),
 }
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
     "ce-lr1e3": ("CE-only, lr 1e-3", ["training.learning_rate=1e-3"]),
     "ce-imp": ("CE-only, lr 5e-4, student layers by importance",
                ["training.learning_rate=5e-4", "student.init_from_teacher.strategy=importance"]),
+    "ce-imp-lr1e3": ("CE-only, lr 1e-3, student layers by importance",
+                     ["training.learning_rate=1e-3", "student.init_from_teacher.strategy=importance"]),
 }
 
 
