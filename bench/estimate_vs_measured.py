@@ -10,7 +10,7 @@ For each case a fresh Python process:
    outputs, AdamW step, ``zero_grad(set_to_none=True)``), and reads VmHWM, the kernel's peak RSS;
 4. reports peak - baseline: everything the run itself added, weights included.
 
-The parent computes :func:`entrenar_cli.memory.estimate_training` for the same configuration
+The parent computes :func:`entrenar_cli.estimate.estimate_training` for the same configuration
 (``device="cpu"``) and prints estimate / measured. A case passes within +-25%.
 
 Allocator note. glibc keeps freed blocks below its (self-raising, up to 32 MiB) mmap threshold in
@@ -268,7 +268,7 @@ def run_cases(cases: list[dict[str, Any]], shape: dict[str, Any], *, steps: int 
     from concurrent.futures import ThreadPoolExecutor
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from entrenar_cli.memory import estimate_training
+    from entrenar_cli.estimate import estimate_training
 
     config = model_config(shape)
     threads = 2 if jobs == 1 else 1

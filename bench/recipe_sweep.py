@@ -139,7 +139,7 @@ def _ce_child(root: Path, name: str) -> None:
     cfg = DistillationYamlConfig.from_file(CONFIG, _overrides(root, name, extra))
     su = setup(cfg)
     p = plan(su)
-    result = run_baseline(su, su.student, root / name, RunOptions(progress=False), p)
+    result = run_baseline(su, su.student, root / name, RunOptions(progress=False))
     print(json.dumps({"plan_student": p["student"], "final": result}), flush=True)
 
 

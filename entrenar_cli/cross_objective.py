@@ -12,7 +12,7 @@ teacher and student outputs differs: by characters, through :mod:`entrenar_cli.c
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from entrenar_cli.losses import (
 )
 from entrenar_cli.objectives import TeacherObjective, block_outputs, forward_kwargs
 
+if TYPE_CHECKING:
+    from entrenar_cli.config.schema import DistillationSettings
+
 
 def _fit(keys: np.ndarray, rows: int) -> Tensor:
     """Per-token keys for a model's ``rows`` logits: padding rows past the tokenizer have no key."""
@@ -52,11 +55,11 @@ def _fit(keys: np.ndarray, rows: int) -> Tensor:
 class CrossTokenizerObjective(TeacherObjective):
     """Distillation against a frozen teacher whose tokenizer differs from the student's."""
 
-    def __init__(self, teacher: nn.Module, settings: Any, *, method: str, shared: SharedVocab,
+    def __init__(self, teacher: nn.Module, settings: DistillationSettings, *, method: str, shared: SharedVocab,
                  train_blocks: CrossBlockDataset, eval_blocks: CrossBlockDataset, student_dim: int,
                  teacher_dim: int, teacher_pad_id: int, student_vocab: int, teacher_vocab: int):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.s = settings
+        self.settings = settings
         self.method = method
         self.uld_weight = settings.cross_tokenizer.uld_weight
         self.uld_top_k = settings.cross_tokenizer.uld_top_k
@@ -157,7 +160,7 @@ class CrossTokenizerObjective(TeacherObjective):
         out = LossTerms(loss=(1.0 - alpha) * terms.hard, tokens=terms.count, per_token={"loss_ce": terms.hard})
         if alpha > 0:
             r, s, t = self._aligned_index(views, labels)
-            soft = self._soft(s_logits[r, s], t_out.logits[r, t], self.s.temperature)
+            soft = self._soft(s_logits[r, s], t_out.logits[r, t], self.settings.temperature)
             out.loss = out.loss + alpha * soft
             out.per_token["loss_kd"] = soft
             out.counters["aligned_tokens"] = torch.tensor(float(r.numel()), device=device)
@@ -169,7 +172,7 @@ class CrossTokenizerObjective(TeacherObjective):
             s_h = [s_pool @ h.float() for h in block_outputs(s_out.hidden_states)]
             t_h = [t_pool @ h.float() for h in block_outputs(t_out.hidden_states)]
             hidden = self.progressive.sum_loss(s_h, t_h, span_mask)
-            out.loss = out.loss + self.s.progressive.weight * hidden
+            out.loss = out.loss + self.settings.progressive.weight * hidden
             out.per_token["loss_hidden"] = hidden
         if self.attention is not None or self.embedding:
             out.sequence_loss = torch.zeros((), device=device)
@@ -180,12 +183,13 @@ class CrossTokenizerObjective(TeacherObjective):
                                                        pooled_attention(t_out.attentions[t_layer], t_pool), span_mask)
             attn = total / len(self.attention.layer_mapping)
             out.per_sequence["loss_attn"] = attn
-            out.sequence_loss = out.sequence_loss + self.s.attention.weight * attn
+            out.sequence_loss = out.sequence_loss + self.settings.attention.weight * attn
         if self.embedding:
             emb = embedding_cosine_sum(s_pool @ s_out.hidden_states[-1].float(),
-                                       t_pool @ t_out.hidden_states[-1].float(), span_mask, self.s.embedding.pooling)
+                                       t_pool @ t_out.hidden_states[-1].float(), span_mask,
+                                       self.settings.embedding.pooling)
             out.per_sequence["loss_embedding"] = emb
-            out.sequence_loss = out.sequence_loss + self.s.embedding.weight * emb
+            out.sequence_loss = out.sequence_loss + self.settings.embedding.weight * emb
         return out
 
     def evaluate(self, model: nn.Module, batches: list[dict[str, Tensor]]) -> dict[str, float]:
@@ -219,7 +223,7 @@ class CrossTokenizerObjective(TeacherObjective):
                 s_pool, t_pool, span_mask = self._span_pools(views, batch["input_ids"].shape[1],
                                                              t_batch["input_ids"].shape[1], device)
                 cos = pooled_cosine(s_pool @ s_out.hidden_states[-1].float(), t_pool @ t_out.hidden_states[-1].float(),
-                                    span_mask, self.s.embedding.pooling)
+                                    span_mask, self.settings.embedding.pooling)
                 totals["cos"] += float(cos.sum())
                 totals["seqs"] += float(cos.numel())
         n, aligned = max(1.0, totals["n"]), max(1.0, totals["aligned"])

@@ -21,7 +21,6 @@ import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -451,46 +450,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The shuffled block order of one epoch; a pure function of (seed, epoch) so resume can skip."""
     rng = np.random.default_rng([seed, epoch])
     return rng.permutation(n)
-
-
-# ---- the design document's API --------------------------------------------------------------
-
-
-class Split(str, Enum):
-    Train = "train"
-    Eval = "eval"
-
-
-# one class for the Hub fetcher and this builder (one set of defaults): see entrenar_cli.hub.datasets
-from entrenar_cli.hub.datasets import DatasetOptions  # noqa: E402
-
-
-class Dataset:
-    """Packed blocks of a tokenized corpus, iterable in batches (``Dataset.from_path(...).batches(32)``)."""
-
-    def __init__(self, blocks: BlockDataset):
-        self.blocks = blocks
-
-    @classmethod
-    def from_path(cls, path: str, tokenizer: Any, options: DatasetOptions | None = None,
-                  text_column: str = "text") -> "Dataset":
-        from entrenar_cli.config.schema import DatasetSettings
-
-        options = options or DatasetOptions()
-        sizes = {"max_length": options.block_length, "eval_fraction": options.eval_fraction}
-        settings = DatasetSettings(path=path, text_column=text_column,
-                                   **{k: v for k, v in sizes.items() if v is not None})
-        train, held = load_blocks(settings, tokenizer)
-        return cls(train if options.split == Split.Train.value else held)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def batches(self, n: int) -> Iterator[dict[str, Any]]:
-        """Consecutive batches of ``n`` blocks as torch tensors (``input_ids``, ``labels``)."""
-        collator = DistillationCollator(0)
-        for start in range(0, len(self.blocks), n):
-            yield collator.collate([self.blocks.block(i) for i in range(start, min(start + n, len(self.blocks)))])
 
 
 class DistillationCollator:

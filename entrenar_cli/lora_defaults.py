@@ -1,7 +1,7 @@
 """The one definition of LoRA's defaults: rank, alpha, dropout and target modules per architecture.
 
 Training (``finetune`` and LoRA students in ``distill``), the memory estimator (``entrenar
-estimate``, :mod:`entrenar_cli.memory`), the YAML schema and the Python API
+estimate``, :mod:`entrenar_cli.estimate`), the YAML schema and the Python API
 (:mod:`entrenar_cli.hf_pipeline`) all read these, so the estimate counts exactly the adapters a
 run trains. Nothing here imports torch, transformers or peft.
 """

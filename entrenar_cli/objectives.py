@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,9 @@ from entrenar_cli.losses import (
 MLM_PROBABILITY = 0.15
 # tokens of the first batch the once-per-run head check runs on
 _HEAD_CHECK_TOKENS = 16
+
+if TYPE_CHECKING:
+    from entrenar_cli.config.schema import DistillationSettings
 
 
 @functools.lru_cache(maxsize=64)
@@ -222,11 +225,11 @@ class LMObjective:
 class TeacherObjective:
     """What every objective with a frozen teacher shares: the alpha schedule, projections, placement.
 
-    Subclasses set ``teacher``, ``s`` (distillation settings), ``progressive`` and ``progress``.
+    Subclasses set ``teacher``, ``settings``, ``progressive`` and ``progress``.
     """
 
     teacher: nn.Module
-    s: Any
+    settings: DistillationSettings
     progressive: ProgressiveDistillation | None
     progress: float
 
@@ -237,10 +240,10 @@ class TeacherObjective:
     @property
     def alpha(self) -> float:
         """The KD weight of this step: constant, or linear from alpha to alpha_end."""
-        end = getattr(self.s, "alpha_end", None)
+        end = self.settings.alpha_end
         if end is None:
-            return self.s.alpha
-        return self.s.alpha + (end - self.s.alpha) * self.progress
+            return self.settings.alpha
+        return self.settings.alpha + (end - self.settings.alpha) * self.progress
 
     def extra_parameters(self) -> list[nn.Parameter]:
         if self.progressive is not None and self.progressive.projections is not None:
@@ -257,13 +260,13 @@ class TeacherObjective:
 class DistillObjective(TeacherObjective):
     """Logit KD + hard CE, hidden-state matching and attention transfer against a frozen teacher."""
 
-    def __init__(self, teacher: nn.Module, settings: Any, *, task: str, vocab: int,
+    def __init__(self, teacher: nn.Module, settings: DistillationSettings, *, task: str, vocab: int,
                  student_dim: int, teacher_dim: int, mlm_info: dict[str, int] | None = None,
                  cache: Any = None, logits_budget: int | None = None):
         from entrenar_cli.models import num_layers
 
         self.teacher = teacher.eval().requires_grad_(False)
-        self.s = settings
+        self.settings = settings
         self.task = task
         self.vocab = vocab
         self.mlm_info = mlm_info
@@ -280,17 +283,16 @@ class DistillObjective(TeacherObjective):
         self.attention = AttentionTransfer(settings.attention.layer_mapping) if self.need_attn else None
         # optional precomputed teacher outputs (entrenar_cli.teacher_cache.TeacherCache)
         self.cache = cache
-        self.beta = getattr(settings, "jsd_beta", 0.5)
+        self.beta = settings.jsd_beta
         self.logit_path = LogitPath(logits_budget if self.use_logits else None)
         self._teacher_eval: dict[str, float] | None = None
         self.progress = 0.0  # fraction of the run done, set by the engine before each step
         # on-policy distillation (entrenar_cli.on_policy): generated sequences join each step, and the
         # held-out evaluation scores the student's own samples with the teacher
-        op = getattr(settings, "on_policy", None)
-        self.on_policy = op if op is not None and op.fraction > 0 else None
+        op = settings.on_policy
+        self.on_policy = op if op.fraction > 0 else None
         self.op_settings = op
-        self.eval_prompts = 0 if op is None else (
-            op.eval_prompts if op.eval_prompts is not None else (1 << 62 if op.fraction > 0 else 0))
+        self.eval_prompts = op.eval_prompts if op.eval_prompts is not None else (1 << 62 if op.fraction > 0 else 0)
         if self.on_policy is not None or self.eval_prompts:
             self._check_on_policy(op)
 
@@ -431,7 +433,7 @@ class DistillObjective(TeacherObjective):
         out = LossTerms(loss=torch.zeros((), device=mask.device), tokens=mask.sum())
         if self.use_logits:
             alpha = 1.0 if on_policy else self.alpha  # no CE on self-generated tokens
-            kind = self.on_policy.loss if on_policy else self.s.kd_loss
+            kind = self.on_policy.loss if on_policy else self.settings.kd_loss
             need_soft = alpha > 0
             if chunked:
                 from entrenar_cli.chunked_losses import chunked_kd_loss, output_head
@@ -439,16 +441,16 @@ class DistillObjective(TeacherObjective):
                 total, terms = chunked_kd_loss(
                     s_head_in, output_head(model), batch["labels"], teacher_hidden=t_head_in,
                     teacher_head=output_head(self.teacher) if t_head_in is not None else None, teacher_topk=topk,
-                    temperature=self.s.temperature, alpha=alpha, kind=kind, beta=self.beta,
+                    temperature=self.settings.temperature, alpha=alpha, kind=kind, beta=self.beta,
                     vocab=self.vocab, budget_bytes=self.logit_path.budget)
             elif need_soft and topk is None and kind == "forward_kl":
                 s_logits = s_out.logits[..., : self.vocab]
                 # fused loss+gradient, one (tokens x vocab) buffer (see losses.py)
                 total, terms = fused_forward_kd(s_logits, t_logits, batch["labels"],
-                                                temperature=self.s.temperature, alpha=alpha)
+                                                temperature=self.settings.temperature, alpha=alpha)
             else:
                 terms = kd_terms(s_out.logits[..., : self.vocab], t_logits, batch["labels"],
-                                 temperature=self.s.temperature, kind=kind, need_soft=need_soft,
+                                 temperature=self.settings.temperature, kind=kind, need_soft=need_soft,
                                  need_hard=not on_policy, teacher_topk=topk, beta=self.beta)
                 total = terms.total(alpha)
             out.loss = out.loss + total
@@ -463,19 +465,19 @@ class DistillObjective(TeacherObjective):
             out.tokens = terms.count
         if self.progressive is not None:
             hidden = self.progressive.sum_loss(block_outputs(s_out.hidden_states), t_hidden, mask)
-            out.loss = out.loss + self.s.progressive.weight * hidden
+            out.loss = out.loss + self.settings.progressive.weight * hidden
             out.per_token["loss_hidden"] = hidden
         if self.attention is not None or self.embedding:
             out.sequence_loss = torch.zeros((), device=mask.device)
         if self.attention is not None:
             attn = self.attention.sum_loss(s_out.attentions, t_attn, mask)
             out.per_sequence["loss_attn"] = attn
-            out.sequence_loss = out.sequence_loss + self.s.attention.weight * attn
+            out.sequence_loss = out.sequence_loss + self.settings.attention.weight * attn
         if self.embedding:
             emb = embedding_cosine_sum(s_out.hidden_states[-1], t_hidden[self.teacher_last], mask,
-                                       self.s.embedding.pooling)
+                                       self.settings.embedding.pooling)
             out.per_sequence["loss_embedding"] = emb
-            out.sequence_loss = out.sequence_loss + self.s.embedding.weight * emb
+            out.sequence_loss = out.sequence_loss + self.settings.embedding.weight * emb
         return out
 
     @torch.no_grad()
@@ -568,7 +570,7 @@ class DistillObjective(TeacherObjective):
                     s_last = s_out.hidden_states[-1].float()
                     t_last = t_out.hidden_states[-1].float()
                     if s_last.shape[-1] == t_last.shape[-1]:
-                        cos = pooled_cosine(s_last, t_last, mask, self.s.embedding.pooling)
+                        cos = pooled_cosine(s_last, t_last, mask, self.settings.embedding.pooling)
                         totals["cos"] = totals.get("cos", 0.0) + float(cos.sum())
                         totals["seqs"] = totals.get("seqs", 0.0) + float(cos.numel())
                         mse = ((s_last - t_last).pow(2).mean(-1) * mask).sum()

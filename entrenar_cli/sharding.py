@@ -261,8 +261,8 @@ def plan_memory_bytes(est: Any, settings: Any, student_config: dict[str, Any],
     over this launch's processes), the single-device estimate otherwise (DDP holds everything)."""
     if requested_sharding(settings) != "fsdp" or est.method == "qlora":
         return int(est.total_bytes)
+    from entrenar_cli.estimate import layout_for
     from entrenar_cli.estimate.training import per_device_estimate
-    from entrenar_cli.memory import layout_for
 
     teacher_layout = layout_for(teacher_config) if teacher_config is not None else None
     return per_device_estimate(est, layout_for(student_config), devices=_world(), sharding="fsdp",

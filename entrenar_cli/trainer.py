@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,9 @@ from entrenar_cli.errors import TrainingError
 from entrenar_cli.loss_terms import LossTerms, accumulate, means
 from entrenar_cli.precision import precision_dtype, resolve_precision  # noqa: F401 - re-exported
 from entrenar_cli.signals import STOP, pause_for_tests
+
+if TYPE_CHECKING:
+    from entrenar_cli.config.schema import TrainingSettings
 
 
 class Objective(Protocol):
@@ -76,6 +79,13 @@ def resolve_device(requested: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def planned_steps(settings: Any, train_blocks: int, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps of the run, steps per epoch): the plan and the Engine count the same way."""
+    per_epoch = train_blocks // (settings.batch_size * settings.gradient_accumulation * world)
+    total = per_epoch * settings.epochs
+    return (min(total, settings.max_steps) if settings.max_steps else total), per_epoch
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -137,12 +147,12 @@ class _Trainables(nn.Module):
 class Engine:
     """One training run: ``Engine(...).train()`` returns the summary of what happened."""
 
-    def __init__(self, settings: Any, model: nn.Module, objective: Objective, train_blocks: BlockDataset,
+    def __init__(self, settings: TrainingSettings, model: nn.Module, objective: Objective, train_blocks: BlockDataset,
                  eval_blocks: BlockDataset, options: EngineOptions, *, pad_token_id: int = 0,
-                 accelerator: Any = None):
+                 accelerator: Any = None, precision: str | None = None):
         from accelerate import Accelerator
 
-        self.s = settings
+        self.settings = settings
         self.opts = options
         self.objective = objective
         self.train_blocks = train_blocks
@@ -153,7 +163,8 @@ class Engine:
             sharding.check_supported(settings, model)
         self.accelerator = accelerator or Accelerator(cpu=resolve_device(settings.device).type == "cpu")
         self.device = self.accelerator.device
-        self.precision = resolve_precision(settings.mixed_precision, self.device)
+        # the pipelines resolve the precision once (their plan prints it) and pass it in
+        self.precision = precision or resolve_precision(settings.mixed_precision, self.device)
         self.autocast_dtype = precision_dtype(self.precision)
         if self.device.type == "cpu":
             torch.set_num_threads(settings.num_threads or len(os.sched_getaffinity(0)))
@@ -172,7 +183,7 @@ class Engine:
             self._shard(model)
         self.model = model.to(self.device)
         objective.to(self.device)
-        if getattr(settings, "compile", False):
+        if settings.compile:
             from entrenar_cli.models import compile_model
 
             # in place (nn.Module.compile): state_dict keys and saved checkpoints stay unchanged
@@ -207,8 +218,9 @@ class Engine:
         self.metrics_path = options.output_dir / "metrics.jsonl"
         self.resumed_checkpoint: Path | None = None
         self._eval_cache: list[dict[str, Tensor]] | None = None
+        self._window = _Window(time.perf_counter())
         self._trackers: Any = None  # entrenar_cli.tracking.Trackers, opened on the first log record
-        if self.is_main and getattr(settings, "report_to", None):
+        if self.is_main and settings.report_to:
             from entrenar_cli.tracking import check_available
 
             check_available(list(settings.report_to))  # before the first step, not at the first log line
@@ -244,7 +256,7 @@ class Engine:
     @property
     def blocks_per_step(self) -> int:
         """Blocks consumed per optimizer step over all processes."""
-        return self.s.batch_size * self.s.gradient_accumulation * self.world
+        return self.settings.batch_size * self.settings.gradient_accumulation * self.world
 
     def steps_per_epoch(self) -> int:
         return len(self.train_blocks) // self.blocks_per_step
@@ -257,8 +269,7 @@ class Engine:
                 f"({self.blocks_per_step} = batch_size x gradient_accumulation x processes)",
                 hint="add data, or lower training.batch_size, gradient_accumulation or dataset.max_length",
             )
-        total = per_epoch * self.s.epochs
-        return min(total, self.s.max_steps) if self.s.max_steps else total
+        return planned_steps(self.settings, len(self.train_blocks), self.world)[0]
 
     # ---- data -----------------------------------------------------------------------------
 
@@ -268,14 +279,14 @@ class Engine:
         if self.state.position >= per_epoch_blocks:
             self.state.epoch += 1
             self.state.position = 0
-        order = epoch_order(len(self.train_blocks), self.s.seed, self.state.epoch)
+        order = epoch_order(len(self.train_blocks), self.settings.seed, self.state.epoch)
         start = self.state.position
         step_ids = order[start : start + self.blocks_per_step]
         self.state.position += self.blocks_per_step
         mine = step_ids[self.rank :: self.world]  # interleaved shard: process r takes every world-th block
         batches = []
-        for i in range(0, len(mine), self.s.batch_size):
-            ids = [int(j) for j in mine[i : i + self.s.batch_size]]
+        for i in range(0, len(mine), self.settings.batch_size):
+            ids = [int(j) for j in mine[i : i + self.settings.batch_size]]
             batch = self.collator.collate([self.train_blocks.block(j) for j in ids])
             batch["block_ids"] = torch.tensor(ids)  # lets the objective find cached teacher outputs
             batches.append(self._to_device(batch))
@@ -288,10 +299,10 @@ class Engine:
         """The fixed held-out batches (the same every evaluation: built once)."""
         if self._eval_cache is not None:
             return self._eval_cache
-        n = min(len(self.eval_blocks), self.s.eval_batches * self.s.batch_size)
+        n = min(len(self.eval_blocks), self.settings.eval_batches * self.settings.batch_size)
         out = []
-        for i in range(0, n, self.s.batch_size):
-            blocks = [self.eval_blocks.block(j) for j in range(i, min(n, i + self.s.batch_size))]
+        for i in range(0, n, self.settings.batch_size):
+            blocks = [self.eval_blocks.block(j) for j in range(i, min(n, i + self.settings.batch_size))]
             out.append(self._to_device(self.collator.collate(blocks)))
         self._eval_cache = out
         return out
@@ -311,7 +322,7 @@ class Engine:
         if hasattr(self.objective, "prepare_step"):  # on-policy distillation: the student's continuations join
             with self._autocast():
                 batches = self.objective.prepare_step(self.accelerator.unwrap_model(self.model), batches,
-                                                      step=self.state.step, seed=self.s.seed, rank=self.rank)
+                                                      step=self.state.step, seed=self.settings.seed, rank=self.rank)
         n_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         n_seqs = sum(int(b["input_ids"].shape[0]) for b in batches)
         counts = torch.tensor([n_tokens, n_seqs], dtype=torch.float64, device=self.device)
@@ -347,7 +358,7 @@ class Engine:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = self.s.max_grad_norm if self.s.max_grad_norm else float("inf")
+        max_norm = self.settings.max_grad_norm if self.settings.max_grad_norm else float("inf")
         if self.sharded:
             norm_value = sharding.clip_grad_norm(params, max_norm)
         else:
@@ -515,7 +526,7 @@ class Engine:
         self._tracker_log(record)
 
     def _tracker_log(self, record: dict[str, Any]) -> None:
-        names = list(getattr(self.s, "report_to", None) or [])
+        names = list(self.settings.report_to)
         if not names:
             return
         if self._trackers is None:
@@ -570,12 +581,10 @@ class Engine:
         return bool(float(self.accelerator.reduce(flag, reduction="sum")) > 0)
 
     def _train(self, on_log: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-        s = self.s
+        """The loop in run order: resume, steps (skip non-finite, log, evaluate, checkpoint), final
+        checkpoint or evaluation, result."""
         resumed_from = self._resume_and_say() if self.opts.resume else None
-        last_eval: dict[str, float] = {}
-        t_start = time.perf_counter() - self.state.elapsed_s
-        window_t, window_tokens = time.perf_counter(), 0
-        acc: dict[str, Tensor] = {}
+        self._window = _Window(time.perf_counter() - self.state.elapsed_s)
         status = "completed"
         progress = _Progress(self.total_steps, enabled=self.opts.progress and self.is_main, start=self.state.step)
         try:
@@ -587,74 +596,95 @@ class Engine:
                 norm = self._optimizer_step()
                 self.scheduler.step()
                 self.state.step += 1
-                if not math.isfinite(norm):
-                    self.state.skipped_steps += 1
-                    self.state.bad_in_row += 1
-                    if self.state.bad_in_row >= s.max_bad_steps:
-                        status = "failed"
-                        raise TrainingError(
-                            f"{self.state.bad_in_row} optimizer steps in a row had non-finite loss or gradients "
-                            f"(step {self.state.step})",
-                            hint="lower training.learning_rate; with fp16 try bf16 or fp32 "
-                            "(training.mixed_precision); the last good checkpoint is kept",
-                        )
+                if not self._count_step(logged, norm):
                     continue
-                self.state.bad_in_row = 0
-                accumulate(acc, logged)
-                step_tokens = int(logged["tokens"]) * self.world
-                self.state.tokens += step_tokens
-                window_tokens += step_tokens
                 progress.advance(self.state.step)
-                if self.state.step % s.logging_steps == 0 or self.state.step == self.total_steps:
-                    now = time.perf_counter()
-                    if self.world > 1:  # log global means, not this process's shard
-                        keys = sorted(acc)
-                        summed = self.accelerator.reduce(
-                            torch.stack([torch.as_tensor(acc[k], dtype=torch.float64, device=self.device)
-                                         for k in keys]),
-                            reduction="sum")
-                        acc = dict(zip(keys, summed))
-                    record: dict[str, Any] = {"event": "train", "step": self.state.step,
-                                              "epoch": round(self.state.step / max(1, self.steps_per_epoch()), 4),
-                                              "tokens": self.state.tokens, "lr": self.scheduler.get_last_lr()[0]}
-                    record.update(self._logged_means(acc))
-                    record["grad_norm"] = norm
-                    record["tokens_per_s"] = window_tokens / max(1e-9, now - window_t)
-                    record["peak_mem_bytes"] = peak_memory_bytes(self.device)
-                    record["elapsed_s"] = now - t_start
-                    record["skipped_steps"] = self.state.skipped_steps
-                    self.log(record)
+                if self.state.step % self.settings.logging_steps == 0 or self.state.step == self.total_steps:
+                    record = self._log_window(norm)
                     progress.show(record)
                     if on_log:
                         on_log(record)
-                    acc = {}
-                    window_t, window_tokens = time.perf_counter(), 0
-                if s.eval_steps and self.state.step % s.eval_steps == 0 and self.state.step < self.total_steps:
-                    last_eval = self._eval_and_log()
-                if s.save_steps and self.state.step % s.save_steps == 0 and self.state.step < self.total_steps:
-                    self.state.elapsed_s = time.perf_counter() - t_start
-                    self.save_checkpoint()
+                self._periodic_eval_and_checkpoint()
         finally:
             progress.close()
-            self.state.elapsed_s = time.perf_counter() - t_start
+            self.state.elapsed_s = self._window.elapsed()
             if status == "interrupted" and self.state.step > 0:
                 pause_for_tests("the interrupt checkpoint")
                 self.save_checkpoint()  # so that --resume continues exactly here
+        last_eval: dict[str, float] = {}
         if status == "completed":
             last_eval = self._eval_and_log()
             self.gather_model()  # sharded: rank 0 now holds the whole model for the pipeline to save
         self.finish_trackers()
-        elapsed = self.state.elapsed_s
-        run_tokens = self.state.tokens
+        return self._result(status, resumed_from, last_eval)
+
+    def _count_step(self, logged: dict[str, Any], norm: float) -> bool:
+        """Book the optimizer step just taken; False for a skipped (non-finite) one, an error after
+        ``max_bad_steps`` of them in a row."""
+        if not math.isfinite(norm):
+            self.state.skipped_steps += 1
+            self.state.bad_in_row += 1
+            if self.state.bad_in_row >= self.settings.max_bad_steps:
+                raise TrainingError(
+                    f"{self.state.bad_in_row} optimizer steps in a row had non-finite loss or gradients "
+                    f"(step {self.state.step})",
+                    hint="lower training.learning_rate; with fp16 try bf16 or fp32 "
+                    "(training.mixed_precision); the last good checkpoint is kept",
+                )
+            return False
+        self.state.bad_in_row = 0
+        accumulate(self._window.acc, logged)
+        step_tokens = int(logged["tokens"]) * self.world
+        self.state.tokens += step_tokens
+        self._window.tokens += step_tokens
+        return True
+
+    def _log_window(self, norm: float) -> dict[str, Any]:
+        """The train record for the steps since the last one (global means under several processes)."""
+        w = self._window
+        now = time.perf_counter()
+        acc = w.acc
+        if self.world > 1:  # log global means, not this process's shard
+            keys = sorted(acc)
+            summed = self.accelerator.reduce(
+                torch.stack([torch.as_tensor(acc[k], dtype=torch.float64, device=self.device) for k in keys]),
+                reduction="sum")
+            acc = dict(zip(keys, summed))
+        record: dict[str, Any] = {"event": "train", "step": self.state.step,
+                                  "epoch": round(self.state.step / max(1, self.steps_per_epoch()), 4),
+                                  "tokens": self.state.tokens, "lr": self.scheduler.get_last_lr()[0]}
+        record.update(self._logged_means(acc))
+        record["grad_norm"] = norm
+        record["tokens_per_s"] = w.tokens / max(1e-9, now - w.since)
+        record["peak_mem_bytes"] = peak_memory_bytes(self.device)
+        record["elapsed_s"] = now - w.start
+        record["skipped_steps"] = self.state.skipped_steps
+        self.log(record)
+        w.restart()
+        return record
+
+    def _periodic_eval_and_checkpoint(self) -> None:
+        """``eval_steps`` / ``save_steps`` before the last step (the last one is evaluated and saved by the caller)."""
+        step, s = self.state.step, self.settings
+        if step >= self.total_steps:
+            return
+        if s.eval_steps and step % s.eval_steps == 0:
+            self._eval_and_log()
+        if s.save_steps and step % s.save_steps == 0:
+            self.state.elapsed_s = self._window.elapsed()
+            self.save_checkpoint()
+
+    def _result(self, status: str, resumed_from: int | None, last_eval: dict[str, float]) -> dict[str, Any]:
+        elapsed, tokens = self.state.elapsed_s, self.state.tokens
         return {
             "status": status,
             "signal": STOP.signal,
             "steps": self.state.step,
             "total_steps": self.total_steps,
             "resumed_from": resumed_from,
-            "tokens": run_tokens,
+            "tokens": tokens,
             "elapsed_s": elapsed,
-            "tokens_per_s": run_tokens / max(1e-9, elapsed),
+            "tokens_per_s": tokens / max(1e-9, elapsed),
             "skipped_steps": self.state.skipped_steps,
             "peak_mem_bytes": peak_memory_bytes(self.device),
             "precision": self.precision,
@@ -682,16 +712,7 @@ class Engine:
         norm = self._optimizer_step()
         self.scheduler.step()
         self.state.step += 1
-        if math.isfinite(norm):
-            self.state.bad_in_row = 0
-            self.state.tokens += int(logged["tokens"]) * self.world
-        else:
-            self.state.skipped_steps += 1
-            self.state.bad_in_row += 1
-            if self.state.bad_in_row >= self.s.max_bad_steps:
-                raise TrainingError(f"{self.state.bad_in_row} optimizer steps in a row had non-finite loss or "
-                                    f"gradients (step {self.state.step})",
-                                    hint="lower training.learning_rate, or use training.mixed_precision fp32")
+        self._count_step(logged, norm)
         out: dict[str, float] = self._logged_means(logged)
         out["grad_norm"] = norm
         return out
@@ -717,6 +738,22 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(rss * (1 if sys.platform == "darwin" else 1024))
     except (ImportError, OSError):
         return 0
+
+
+class _Window:
+    """The logging window: loss sums and tokens since the last train record, and the run's clock."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start  # perf_counter at step 0 (a resumed run's earlier time included)
+        self.restart()
+
+    def restart(self) -> None:
+        self.since = time.perf_counter()
+        self.tokens = 0
+        self.acc: dict[str, Tensor] = {}
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
 class _Progress:

@@ -332,12 +332,13 @@ OS_ERRORS = [
 def test_os_errors_are_explained(exc: BaseException, code: int, words: list[str],
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever command meets it, an error the user's machine causes is one line naming the path."""
-    from entrenar_cli import memory
 
     def fail(*args: object, **kwargs: object) -> None:
         raise exc
 
-    monkeypatch.setattr(memory, "resolve_model", fail)
+    from entrenar_cli import estimate as estimator
+
+    monkeypatch.setattr(estimator, "resolve_model", fail)
     result = runner.invoke(app, ["estimate", "llama", "7b"])
     out = result.output
     assert result.exit_code == code, out
@@ -348,9 +349,10 @@ def test_os_errors_are_explained(exc: BaseException, code: int, words: list[str]
 
 
 def test_a_genuine_bug_still_reads_unexpected_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    from entrenar_cli import memory
 
-    monkeypatch.setattr(memory, "resolve_model", lambda *a, **k: 1 / 0)
+    from entrenar_cli import estimate as estimator
+
+    monkeypatch.setattr(estimator, "resolve_model", lambda *a, **k: 1 / 0)
     result = runner.invoke(app, ["estimate", "llama", "7b"])
     assert result.exit_code == 1 and "unexpected failure: ZeroDivisionError" in result.output, result.output
 
@@ -364,10 +366,10 @@ def test_file_size_limit_is_a_message_not_a_kill(tmp_path: Path) -> None:
     target = tmp_path / "out" / "model.safetensors"
     script = (
         "import sys\n"
-        "from entrenar_cli import cli, fsutil, memory\n"
+        "from entrenar_cli import cli, fsutil\nfrom entrenar_cli import estimate as estimator\n"
         "def save(*args, **kwargs):\n"
         f"    fsutil.write_text_atomic({str(target)!r}, 'x' * 100_000)\n"
-        "memory.resolve_model = save\n"
+        "estimator.resolve_model = save\n"
         "sys.argv = ['entrenar', 'estimate', 'llama', '7b']\n"
         "cli.main()\n"
     )

@@ -597,7 +597,7 @@ def test_compile_and_switch_off_keep_materialised_logits() -> None:
 
 
 def test_chunked_estimate_does_not_grow_with_vocabulary() -> None:
-    from entrenar_cli.memory import estimate_training
+    from entrenar_cli.estimate import estimate_training
 
     def cfg(layers: int, vocab: int) -> dict[str, Any]:
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 256,

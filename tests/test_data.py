@@ -10,10 +10,7 @@ import pytest
 
 from entrenar_cli.config.schema import DatasetSettings
 from entrenar_cli.data import (
-    Dataset,
-    DatasetOptions,
     DistillationCollator,
-    Split,
     is_heldout,
     load_blocks,
     resolve_files,
@@ -90,12 +87,6 @@ def test_glob_and_stdlib_placeholder_and_missing(tmp_path: Path) -> None:
         resolve_files(str(tmp_path / "none-*.txt"))
 
 
-def test_dataset_api_batches(tok, stdlib_text: Path) -> None:  # noqa: ANN001
-    ds = Dataset.from_path(str(stdlib_text), tok, DatasetOptions().split(Split.Train).streaming(True).max_length(32))
-    batch = next(ds.batches(4))
-    assert batch["input_ids"].shape == (4, 32) and len(ds) > 10
-
-
 def test_collator_pads_variable_examples_and_masks_padding() -> None:
     batch = DistillationCollator(pad_token_id=0).collate([[5, 6, 7, 8], [9, 10]])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 10, 0]]
@@ -116,15 +107,14 @@ def test_left_padding_never_trains_a_label_whose_input_is_padding() -> None:
     assert bool((batch["attention_mask"][trained] == 1).all())  # every trained label has a real input
 
 
-def test_one_dataset_options_class_for_hub_and_builder() -> None:
+def test_hub_dataset_options_validate_the_split() -> None:
     import dataclasses
 
     from entrenar_cli import hub
+    from entrenar_cli.errors import UsageError
 
-    assert DatasetOptions is hub.DatasetOptions
-    fetch = hub.DatasetOptions(split="validation", config="en")
-    assert fetch.split == "validation" and f"{fetch.split}" == "validation" and fetch.config == "en"
+    fetch = hub.DatasetOptions(split="validation", config="en", cache_dir="~/x")
+    assert (fetch.split, fetch.config, fetch.cache_dir) == ("validation", "en", Path("~/x").expanduser())
     assert dataclasses.replace(fetch, revision="main").split == "validation"
-    built = DatasetOptions().split(Split.Eval).streaming(False).max_length(32)
-    assert (built.split, built.stream, built.block_length) == ("eval", False, 32)
-    assert DatasetOptions().split == "train" and DatasetOptions().block_length is None  # the YAML's defaults
+    with pytest.raises(UsageError, match="a dataset split is a name"):
+        hub.DatasetOptions(split="")

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from entrenar_cli import catalogue, memory
+from entrenar_cli import estimate as estimator
 from entrenar_cli.cli import app
 from entrenar_cli.errors import ConfigError, UsageError
+from entrenar_cli.estimate import catalogue
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def _llama(**over: Any) -> dict[str, Any]:
 def test_catalogue_reproduces_published_count(key: tuple[str, str]) -> None:
     entry = catalogue.lookup(*key)
     assert entry.parameters == PUBLISHED[key]
-    assert memory.count_parameters(entry.config) == PUBLISHED[key]  # the torch-free analytic layout
+    assert estimator.count_parameters(entry.config) == PUBLISHED[key]  # the torch-free analytic layout
 
 
 def test_meta_device_counts_equal_catalogue_and_analytic_layouts() -> None:
@@ -84,7 +85,7 @@ def test_meta_device_counts_equal_catalogue_and_analytic_layouts() -> None:
 
 def test_count_parameters_for_configs_outside_catalogue() -> None:
     # tied vs untied head: the tied one is exactly vocab x hidden smaller
-    untied, tied = memory.count_parameters(_llama()), memory.count_parameters(_llama(tie_word_embeddings=True))
+    untied, tied = estimator.count_parameters(_llama()), estimator.count_parameters(_llama(tie_word_embeddings=True))
     assert untied - tied == 512 * 64
     # hand count: embed + head + 2 x (q 64x64, k,v 64x32, o 64x64, 3 MLP 64x160, 2 norms) + final norm
     per_layer = 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 160 + 2 * 64
@@ -109,10 +110,10 @@ def test_sizes_case_insensitive_and_aliases() -> None:
 
 def test_lora_counts_for_llama2_7b_match_peft_printouts() -> None:
     cfg = catalogue.lookup("llama", "7b").config
-    assert memory.lora_trainable_parameters(cfg, 8, ["q_proj", "v_proj"]) == 4_194_304
-    assert memory.lora_trainable_parameters(cfg, 16, "all-linear") == 39_976_960
+    assert estimator.lora_trainable_parameters(cfg, 8, ["q_proj", "v_proj"]) == 4_194_304
+    assert estimator.lora_trainable_parameters(cfg, 16, "all-linear") == 39_976_960
     # entrenar's default targets (what a LoRA run trains): q/k/v/o, 4 x 32 x 8 x (4096 + 4096)
-    assert memory.lora_trainable_parameters(cfg, 8, None) == 8_388_608
+    assert estimator.lora_trainable_parameters(cfg, 8, None) == 8_388_608
 
 
 TINY_MODELS = {
@@ -145,24 +146,24 @@ def test_lora_trainable_count_equals_peft(family: str) -> None:
     for rank in (4, 8):
         for targets in TARGET_SETS:
             try:
-                ours = memory.lora_trainable_parameters(cfg, rank, targets)
+                ours = estimator.lora_trainable_parameters(cfg, rank, targets)
             except UsageError:
                 continue  # these targets name nothing in this family (peft raises too)
             torch.manual_seed(0)
             base = (AutoModelForCausalLM if causal else AutoModel).from_config(AutoConfig.for_model(**cfg))
-            assert sum(p.numel() for p in base.parameters()) == memory.count_parameters(cfg)
+            assert sum(p.numel() for p in base.parameters()) == estimator.count_parameters(cfg)
             peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=resolve_targets(
                 targets, cfg["model_type"]), fan_in_fan_out=family == "gpt2"))
             trainable, total = peft_model.get_nb_trainable_parameters()
             assert ours == trainable, (family, rank, targets)
-            assert total - trainable == memory.count_parameters(cfg)
+            assert total - trainable == estimator.count_parameters(cfg)
             checked += 1
     assert checked >= 4
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "bert"])
 def test_default_lora_estimate_counts_the_adapters_training_builds(family: str) -> None:
-    """One set of LoRA defaults: `entrenar estimate --method lora`, memory.estimate_training, the
+    """One set of LoRA defaults: `entrenar estimate --method lora`, estimator.estimate_training, the
     FineTuneConfig API and a default LoRA run (models.apply_lora with the YAML's lora section) agree."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -178,8 +179,8 @@ def test_default_lora_estimate_counts_the_adapters_training_builds(family: str) 
     built = models.apply_lora(base, LoRASettings())
     trained = sum(p.numel() for p in built.parameters() if p.requires_grad)
     assert trained > 0
-    assert memory.estimate_training(cfg, method="lora").trainable_parameters == trained
-    assert memory.lora_trainable_parameters(cfg) == trained
+    assert estimator.estimate_training(cfg, method="lora").trainable_parameters == trained
+    assert estimator.lora_trainable_parameters(cfg) == trained
     api = FineTuneConfig.builder(family).method(FineTuneMethod.LoRA()).build().estimate_memory(cfg)
     assert api.estimate.trainable_parameters == trained
 
@@ -197,14 +198,14 @@ def test_default_lora_estimate_matches_a_real_run(tiny_llama: Path) -> None:
 
 def test_lora_targets_that_match_nothing_are_a_usage_error() -> None:
     with pytest.raises(UsageError, match="match no Linear"):
-        memory.lora_trainable_parameters(_llama(), 8, ["c_attn"])
+        estimator.lora_trainable_parameters(_llama(), 8, ["c_attn"])
 
 
 def test_nf4_and_int8_weight_sizes() -> None:
     n = 4096 * 4096
-    assert memory.nf4_bytes(n) * 8 / n == pytest.approx(4.127, abs=0.001)  # 4 + 8/64 + 32/(64*256)
+    assert estimator.nf4_bytes(n) * 8 / n == pytest.approx(4.127, abs=0.001)  # 4 + 8/64 + 32/(64*256)
     cfg = catalogue.lookup("llama", "7b").config
-    w = memory.summarize_config(cfg)["weights_bytes"]
+    w = estimator.summarize_config(cfg)["weights_bytes"]
     p = PUBLISHED[("llama", "7b")]
     assert w["fp32"] == 4 * p and w["bf16"] == w["fp16"] == 2 * p
     embed_and_head = 2 * 32000 * 4096
@@ -216,7 +217,7 @@ def test_nf4_and_int8_weight_sizes() -> None:
 
 
 def test_summarize_config_keys() -> None:
-    s = memory.summarize_config(catalogue.lookup("llama3", "8b").config)
+    s = estimator.summarize_config(catalogue.lookup("llama3", "8b").config)
     assert {"model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "vocab_size", "parameters",
             "weights_bytes"} <= set(s)
     assert (s["model_type"], s["num_layers"], s["hidden_size"], s["num_heads"], s["num_kv_heads"], s["vocab_size"]) \
@@ -232,43 +233,44 @@ def test_summarize_config_keys() -> None:
 def test_full_finetune_bytes_per_parameter() -> None:
     cfg = catalogue.lookup("llama", "7b").config
     p = PUBLISHED[("llama", "7b")]
-    fp32 = memory.estimate_training(cfg, method="full", dtype="fp32", optimizer="adamw")
+    fp32 = estimator.estimate_training(cfg, method="full", dtype="fp32", optimizer="adamw")
     assert fp32.weights_bytes + fp32.gradients_bytes + fp32.optimizer_bytes == 16 * p
-    mixed = memory.estimate_training(cfg, method="full", dtype="bf16")
+    mixed = estimator.estimate_training(cfg, method="full", dtype="bf16")
     states = mixed.weights_bytes + mixed.gradients_bytes + mixed.optimizer_bytes + mixed.autocast_copies_bytes
     assert 16 * p < states < 18 * p  # mixed precision: 16-18 bytes per parameter
-    sgd = memory.estimate_training(cfg, method="full", dtype="fp32", optimizer="sgd")
+    sgd = estimator.estimate_training(cfg, method="full", dtype="fp32", optimizer="sgd")
     assert sgd.optimizer_bytes == 0 and sgd.total_bytes < fp32.total_bytes
 
 
 def test_estimate_orders_and_scales_sensibly() -> None:
     cfg = catalogue.lookup("llama", "7b").config
-    full, lora, qlora = (memory.estimate_training(cfg, method=m, seq_len=2048, batch_size=4) for m in memory.METHODS)
+    full, lora, qlora = (estimator.estimate_training(cfg, method=m, seq_len=2048, batch_size=4)
+                         for m in estimator.METHODS)
     assert qlora.total_bytes < lora.total_bytes < full.total_bytes
     # r=16 on q_proj, k_proj, v_proj, o_proj (lora_defaults): 16 x (4096 + 4096) x 4 x 32 layers
     assert lora.trainable_parameters == qlora.trainable_parameters == 16_777_216
-    ckpt = memory.estimate_training(cfg, method="lora", seq_len=2048, batch_size=4, gradient_checkpointing=True)
+    ckpt = estimator.estimate_training(cfg, method="lora", seq_len=2048, batch_size=4, gradient_checkpointing=True)
     assert ckpt.activations_bytes < lora.activations_bytes / 5
-    eager = memory.estimate_training(cfg, method="lora", seq_len=2048, batch_size=4, attention="eager")
+    eager = estimator.estimate_training(cfg, method="lora", seq_len=2048, batch_size=4, attention="eager")
     # eager keeps the attention matrix (fp32 softmax + its bf16 copy): 32 layers x 32 heads x 2048^2 x 4 x 6 bytes
     matrix = 32 * 32 * 2048**2 * 4 * 6
     assert eager.activations_bytes - lora.activations_bytes == pytest.approx(matrix, rel=0.03)
-    two = memory.estimate_training(cfg, method="lora", seq_len=2048, batch_size=8)
+    two = estimator.estimate_training(cfg, method="lora", seq_len=2048, batch_size=8)
     assert two.activations_bytes == 2 * lora.activations_bytes
 
 
 def test_teacher_adds_its_weights_and_logits() -> None:
     student = catalogue.lookup("smollm2", "135m").config
     teacher = catalogue.lookup("llama", "7b").config
-    alone = memory.estimate_training(student, method="full", dtype="bf16")
-    kd = memory.estimate_training(student, method="full", dtype="bf16", teacher_config=teacher)
+    alone = estimator.estimate_training(student, method="full", dtype="bf16")
+    kd = estimator.estimate_training(student, method="full", dtype="bf16", teacher_config=teacher)
     assert kd.teacher_bytes > 2 * PUBLISHED[("llama", "7b")]  # bf16 weights plus logits
     assert kd.total_bytes > alone.total_bytes + 2 * PUBLISHED[("llama", "7b")]
 
 
 def test_invalid_settings_are_reported_together() -> None:
     with pytest.raises(UsageError) as exc:
-        memory.estimate_training(_llama(), method="dora", dtype="int3", batch_size=0)
+        estimator.estimate_training(_llama(), method="dora", dtype="int3", batch_size=0)
     assert "--method" in exc.value.message and "--dtype" in exc.value.message and "--batch-size" in exc.value.message
 
 
@@ -289,7 +291,7 @@ def test_estimate_matches_live_tensor_peak(case: dict[str, Any]) -> None:
     bench = _bench()
     config = bench.model_config({"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
                                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2000})
-    estimate = memory.estimate_training(config, **bench.case_settings(case))
+    estimate = estimator.estimate_training(config, **bench.case_settings(case))
     live = bench.live_tensor_peak(case, config, steps=2)
     assert estimate.total_bytes / live == pytest.approx(1.0, abs=0.04), (estimate.to_dict(), live)
 
@@ -311,16 +313,16 @@ def test_estimate_within_25_percent_of_measured_peak_rss() -> None:
 def test_local_directory_and_config_json(tmp_path: Path) -> None:
     cfg = _llama()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert memory.resolve_config(str(tmp_path)) == cfg
-    assert memory.resolve_config(str(tmp_path / "config.json")) == cfg
-    from_dir = memory.estimate_training(memory.resolve_config(str(tmp_path)), method="lora")
-    assert from_dir.total_bytes == memory.estimate_training(cfg, method="lora").total_bytes
+    assert estimator.resolve_config(str(tmp_path)) == cfg
+    assert estimator.resolve_config(str(tmp_path / "config.json")) == cfg
+    from_dir = estimator.estimate_training(estimator.resolve_config(str(tmp_path)), method="lora")
+    assert from_dir.total_bytes == estimator.estimate_training(cfg, method="lora").total_bytes
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UsageError, match="no config.json"):
-        memory.resolve_config(str(empty))
+        estimator.resolve_config(str(empty))
     with pytest.raises(UsageError, match="no such file"):
-        memory.resolve_config(str(tmp_path / "missing"))
+        estimator.resolve_config(str(tmp_path / "missing"))
 
 
 def test_local_gguf_reads_architecture_from_metadata(tmp_path: Path) -> None:
@@ -343,11 +345,11 @@ def test_local_gguf_reads_architecture_from_metadata(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    cfg = memory.resolve_config(str(path))
+    cfg = estimator.resolve_config(str(path))
     assert (cfg["model_type"], cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["vocab_size"]) == \
         ("llama", 2, 2, 512)
     assert cfg["tie_word_embeddings"] is True
-    assert memory.count_parameters(cfg) == memory.count_parameters(_llama(tie_word_embeddings=True))
+    assert estimator.count_parameters(cfg) == estimator.count_parameters(_llama(tie_word_embeddings=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,11 +403,11 @@ def test_cli_bad_options_exit_2_naming_flags() -> None:
 
 
 def test_parse_size_units() -> None:
-    assert memory.parse_size("24GB") == 24 * 10**9
-    assert memory.parse_size("24gib") == 24 * 2**30
-    assert memory.parse_size("512 MiB") == 512 * 2**20 and memory.parse_size("1.5TB") == 15 * 10**11
+    assert estimator.parse_size("24GB") == 24 * 10**9
+    assert estimator.parse_size("24gib") == 24 * 2**30
+    assert estimator.parse_size("512 MiB") == 512 * 2**20 and estimator.parse_size("1.5TB") == 15 * 10**11
     with pytest.raises(UsageError):
-        memory.parse_size("lots")
+        estimator.parse_size("lots")
 
 
 def _fits(budget: int, *extra: str) -> dict[str, Any]:
@@ -418,7 +420,7 @@ def _fits(budget: int, *extra: str) -> dict[str, Any]:
 def test_cli_fits_verdicts_on_both_sides_of_the_budget() -> None:
     cfg = catalogue.lookup("smollm2", "135m").config
     chunked = 256 * 2**20  # the CLI counts chunked logits by default, as entrenar trains
-    need = memory.estimate_training(cfg, method="lora", logits_budget=chunked).total_bytes
+    need = estimator.estimate_training(cfg, method="lora", logits_budget=chunked).total_bytes
     above = _fits(need)["fits"]["methods"]["lora"]
     below = _fits(need - 1)["fits"]["methods"]["lora"]
     assert above == {"fits": True, "max_batch_size": 1}
@@ -426,10 +428,11 @@ def test_cli_fits_verdicts_on_both_sides_of_the_budget() -> None:
     big = _fits(need * 4)["fits"]["methods"]["lora"]
     b = big["max_batch_size"]
     assert b > 1
-    assert memory.estimate_training(cfg, method="lora", batch_size=b, logits_budget=chunked).total_bytes <= need * 4
-    assert memory.estimate_training(cfg, method="lora", batch_size=b + 1, logits_budget=chunked).total_bytes > need * 4
+    train = estimator.estimate_training
+    assert train(cfg, method="lora", batch_size=b, logits_budget=chunked).total_bytes <= need * 4
+    assert train(cfg, method="lora", batch_size=b + 1, logits_budget=chunked).total_bytes > need * 4
     # --logits-budget-mb 0: materialised logits, the library's default
-    full = memory.estimate_training(cfg, method="lora").total_bytes
+    full = estimator.estimate_training(cfg, method="lora").total_bytes
     assert full > need
     result = runner.invoke(app, ["estimate", "smollm2", "135m", "--method", "lora", "--logits-budget-mb", "0",
                                  "--json"])

@@ -73,7 +73,7 @@ def test_safetensors_model_fetched_and_loads_with_transformers(hub: hubserver.Fi
     assert path == tmp_path / "hf" / "hub" / "models--tests--tiny-llama" / "snapshots" / hub.commits["tiny-llama@main"]
     assert doc["total_size"] == sum((path / f).stat().st_size for f in file_names(doc))
     assert doc["parameters_in_files"] == 106_816  # 2-layer Llama, hidden 64, vocab 256, untied head
-    arch = doc["architecture"]  # from entrenar_cli.memory.summarize_config
+    arch = doc["architecture"]  # from entrenar_cli.estimate.summarize_config
     assert (arch["model_type"], arch["num_layers"], arch["hidden_size"], arch["num_heads"], arch["num_kv_heads"]) == (
         "llama", 2, 64, 4, 2
     )

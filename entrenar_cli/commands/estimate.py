@@ -1,6 +1,6 @@
 """`entrenar estimate`: will this run fit, and with what settings?
 
-A thin layer over :mod:`entrenar_cli.memory`: resolve the model's config (catalogue, local
+A thin layer over :mod:`entrenar_cli.estimate`: resolve the model's config (catalogue, local
 directory or .gguf, or Hub config.json), estimate, render a table or JSON. Catalogue lookups never
 import torch, so they answer in well under a second.
 """
@@ -123,7 +123,7 @@ def estimate(
     Totals are the modelled peak of tensor memory (docs/estimate.md); add the CUDA context and
     allocator slack (typically under 1 GiB) on a GPU.
     """
-    from entrenar_cli import memory
+    from entrenar_cli import estimate as estimator
 
     resolved = _resolve(model, size, revision)
     teacher_resolved = _resolve(teacher, None, None, "--teacher") if teacher is not None else None
@@ -131,7 +131,7 @@ def estimate(
     if target_modules is not None:
         parts = [t.strip() for t in target_modules.split(",") if t.strip()]
         targets = "all-linear" if parts == ["all-linear"] else parts
-    methods = [method] if method else list(memory.METHODS)
+    methods = [method] if method else list(estimator.METHODS)
     settings = dict(
         rank=rank,
         target_modules=targets,
@@ -151,9 +151,9 @@ def estimate(
 
     config = resolved.config
     teacher_config = teacher_resolved.config if teacher_resolved else None
-    summary = memory.summarize_config(config)
+    summary = estimator.summarize_config(config)
     estimates = {
-        m: memory.estimate_training(config, method=m, teacher_config=teacher_config, **settings) for m in methods
+        m: estimator.estimate_training(config, method=m, teacher_config=teacher_config, **settings) for m in methods
     }
     multi = devices > 1 or sharding != "none"
     per_device = {m: _per_device(config, teacher_config, est, devices, sharding) for m, est in estimates.items()} \
@@ -165,7 +165,7 @@ def estimate(
                 verdicts[m] = _sharded_verdict(config, teacher_config, m, settings, devices, sharding, budget,
                                                per_device[m].per_device_bytes)
                 continue
-            best = memory.largest_batch_size(
+            best = estimator.largest_batch_size(
                 config, budget, teacher_config=teacher_config, method=m, **{**settings, "batch_size": 1}
             )
             verdicts[m] = {"fits": est.total_bytes <= budget, "max_batch_size": best}
@@ -185,13 +185,13 @@ MAX_BUDGET = 2**60  # 1 EiB: anything larger is a typo, not a memory size
 
 def _budget(text: str) -> int:
     """``--fits`` in bytes; zero, negative, non-finite, absurdly large or unreadable sizes are exit 2."""
-    from entrenar_cli import memory
+    from entrenar_cli import estimate as estimator
     from entrenar_cli.errors import UsageError
 
     hint = "give a memory size with a unit: 24GB (10^9 bytes) or 24GiB (2^30 bytes); also MB, MiB, TB, TiB"
     shown = repr(text if len(text) <= 40 else text[:37] + "...")
     try:
-        budget = memory.parse_size(text)
+        budget = estimator.parse_size(text)
     except UsageError:
         raise UsageError(f"--fits {shown} is not a memory size", hint=hint) from None
     except (OverflowError, ValueError):  # more digits than a float holds
@@ -207,7 +207,7 @@ def _resolve(model: str, size: str | None, revision: str | None, what: str = "MO
     """The model's config: a catalogue family, a path, a Hub id, or ``pkg:PACKAGE/path`` as in the YAML."""
     import dataclasses
 
-    from entrenar_cli import memory
+    from entrenar_cli import estimate as estimator
     from entrenar_cli.config.schema import check_model_ref
     from entrenar_cli.errors import UsageError
 
@@ -216,7 +216,7 @@ def _resolve(model: str, size: str | None, revision: str | None, what: str = "MO
     except ValueError as exc:
         raise UsageError(f"{what} {model!r}: {exc}") from None
     if not model.startswith("pkg:"):
-        return memory.resolve_model(model, size, revision=revision)
+        return estimator.resolve_model(model, size, revision=revision)
     from entrenar_cli.models import package_path  # imports torch: paid only for pkg: references
 
     if size is not None:
@@ -225,7 +225,7 @@ def _resolve(model: str, size: str | None, revision: str | None, what: str = "MO
     if not path.exists():
         raise UsageError(f"{model}: no such file or directory in the package ({path})",
                          hint="list the package's files, e.g. 'pip show -f PACKAGE'")
-    return dataclasses.replace(memory.resolve_model(str(path), None, revision=None), name=model)
+    return dataclasses.replace(estimator.resolve_model(str(path), None, revision=None), name=model)
 
 
 def _check_devices(devices: int, sharding: str, methods: list[str]) -> None:
@@ -246,13 +246,13 @@ def _per_device(config: dict[str, Any], teacher_config: dict[str, Any] | None, e
                 sharding: str) -> Any:
     """One device's memory (estimate.training.per_device_estimate); qlora under fsdp: DDP's answer,
     marked as not sharded (entrenar refuses to shard a quantised student)."""
-    from entrenar_cli import memory
+    from entrenar_cli import estimate as estimator
     from entrenar_cli.estimate.training import per_device_estimate
 
     if est.method == "qlora":
         sharding = "none"
-    teacher_layout = memory.layout_for(teacher_config) if teacher_config is not None else None
-    return per_device_estimate(est, memory.layout_for(config), devices=devices, sharding=sharding,
+    teacher_layout = estimator.layout_for(teacher_config) if teacher_config is not None else None
+    return per_device_estimate(est, estimator.layout_for(config), devices=devices, sharding=sharding,
                                teacher_layout=teacher_layout)
 
 
@@ -260,10 +260,10 @@ def _sharded_verdict(config: dict[str, Any], teacher_config: dict[str, Any] | No
                      settings: dict[str, Any], devices: int, sharding: str, budget: int,
                      per_device_bytes: int) -> dict[str, Any]:
     """--fits per device: does one device's share fit, and the largest per-device batch that does."""
-    from entrenar_cli import memory
+    from entrenar_cli import estimate as estimator
 
     def fits(b: int) -> bool:
-        est = memory.estimate_training(config, method=method, teacher_config=teacher_config,
+        est = estimator.estimate_training(config, method=method, teacher_config=teacher_config,
                                        **{**settings, "batch_size": b})
         return _per_device(config, teacher_config, est, devices, sharding).per_device_bytes <= budget
 
@@ -282,7 +282,7 @@ def _sharded_verdict(config: dict[str, Any], teacher_config: dict[str, Any] | No
 def _check_all(methods: list[str], settings: dict[str, Any]) -> None:
     """Every bad option in one message (exit 2), naming the flag."""
     from entrenar_cli.errors import UsageError
-    from entrenar_cli.memory import EstimateSettings
+    from entrenar_cli.estimate import EstimateSettings
 
     problems = []
     for m in methods:
@@ -305,7 +305,7 @@ def build_document(
     verdicts: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """The ``--json`` document (schema ``entrenar.estimate/v1``, documented in docs/estimate.md)."""
-    from entrenar_cli import memory
+    from entrenar_cli import estimate as estimator
 
     config = resolved.config
     kv = None
@@ -317,7 +317,7 @@ def build_document(
             "bytes_per_token": per_token,
             "batch_size": settings["batch_size"],
             "seq_len": settings["seq_len"],
-            "bytes": memory.kv_cache_bytes(config, settings["seq_len"], settings["batch_size"]),
+            "bytes": estimator.kv_cache_bytes(config, settings["seq_len"], settings["batch_size"]),
             "max_context": max_ctx,
             "bytes_at_max_context": per_token * max_ctx if max_ctx else None,
         }
@@ -333,7 +333,7 @@ def build_document(
             "name": teacher.name,
             "source": teacher.source,
             "repo": teacher.repo,
-            "parameters": memory.count_parameters(teacher.config),
+            "parameters": estimator.count_parameters(teacher.config),
         },
         "training": {m: est.to_dict() for m, est in estimates.items()},
         "fits": None if budget is None else {"budget": fits_text, "budget_bytes": budget, "methods": verdicts},

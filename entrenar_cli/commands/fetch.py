@@ -151,7 +151,7 @@ def fetch(
     if artifact.config is not None:
         import dataclasses
 
-        from entrenar_cli.memory import describe_architecture  # the estimator's summary of config.json
+        from entrenar_cli.estimate import describe_architecture  # the estimator's summary of config.json
 
         artifact = dataclasses.replace(artifact, architecture=describe_architecture(artifact.config))
     if json_out:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from entrenar_cli import catalogue
 from entrenar_cli.errors import EntrenarError, ModelError, UsageError
+from entrenar_cli.estimate import catalogue
 
 
 @dataclass(frozen=True)

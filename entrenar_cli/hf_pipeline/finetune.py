@@ -166,14 +166,15 @@ class FineTuneConfig:
         ``model``: a config.json dict (exact), a parameter count (answered for the catalogue causal
         LM nearest in size, named in ``reference_model``), or None to resolve ``model_id``.
         """
-        from entrenar_cli import catalogue, memory
+        from entrenar_cli import estimate as estimator
+        from entrenar_cli.estimate import catalogue
 
         if self.method.kind == "qlora" and self.method.bits != 4:
             raise UsageError(f"the memory estimate models QLoRA over 4-bit NF4 weights (bits={self.method.bits})",
                              hint="use FineTuneMethod.QLoRA(lora_config, bits=4) for the estimate")
         reference = None
         if model is None:
-            config = memory.resolve_model(self.model_id).config
+            config = estimator.resolve_model(self.model_id).config
         elif isinstance(model, dict):
             config = model
         else:
@@ -185,8 +186,8 @@ class FineTuneConfig:
             entry = min(causal, key=lambda e: abs(e.parameters - params))
             config, reference = entry.config, entry.display_name
         kwargs = self._estimate_kwargs()
-        est = memory.estimate_training(config, **kwargs)
-        full = est if est.method == "full" else memory.estimate_training(config, **{**kwargs, "method": "full"})
+        est = estimator.estimate_training(config, **kwargs)
+        full = est if est.method == "full" else estimator.estimate_training(config, **{**kwargs, "method": "full"})
         savings = 100.0 * (1 - est.total_bytes / full.total_bytes) if full.total_bytes else 0.0
         return MemoryRequirement(est.total_bytes, full.total_bytes, savings, est, reference)
 

@@ -10,8 +10,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from entrenar_cli import catalogue
 from entrenar_cli.errors import UsageError
+from entrenar_cli.estimate import catalogue
 from entrenar_cli.estimate.layout import shape_of
 from entrenar_cli.estimate.training import weights_bytes_by_dtype
 from entrenar_cli.hf_pipeline._api import python_errors
@@ -45,7 +45,7 @@ class Architecture(str, enum.Enum):
 
 
 def _layout(config: dict[str, Any]) -> Any:
-    from entrenar_cli.memory import layout_for
+    from entrenar_cli.estimate import layout_for
 
     return layout_for(config)
 

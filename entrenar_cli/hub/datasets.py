@@ -40,68 +40,27 @@ def _split_name(value: Any) -> str:
     return name
 
 
-class _SplitName(str):
-    """A split's name that, called, returns its options with another split (the builder form)."""
-
-    _owner: DatasetOptions
-
-    def __call__(self, split: Any) -> DatasetOptions:
-        return dataclasses.replace(self._owner, split=split)
-
-
-class _SplitField:
-    """``options.split`` reads as the split's name (a str) and, called, gives a copy with another split:
-    the Hub fetcher reads the field, the design document's builder calls ``.split(Split.Eval)``."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._attr = f"_{name}_value"
-
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        if obj is None:
-            return "train"  # the dataclass default
-        name = _SplitName(obj.__dict__.get(self._attr, "train"))
-        name._owner = obj
-        return name
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__[self._attr] = _split_name(value)
-
-
 @dataclass(frozen=True)
 class DatasetOptions:
-    """Options for reading a dataset: the one class behind ``entrenar_cli.hub.DatasetOptions`` (which
-    Hub split to fetch, and where) and ``entrenar_cli.data.DatasetOptions`` (the design document's
-    ``Dataset.from_path`` builder: ``DatasetOptions().split(Split.Train).streaming(True).max_length(32)``).
+    """Which Hub dataset split to fetch, and where (``config=None`` takes ``default`` or the only one).
 
-    ``config=None`` takes ``default`` (or the only config). ``split`` "train" is the training
-    blocks for ``Dataset.from_path``, any other name its held-out blocks. ``block_length`` and
-    ``eval_fraction`` left at None take the YAML's defaults (``dataset.max_length``,
-    ``dataset.eval_fraction``), so there is one set of defaults. Builder calls return a copy.
+    The design document's ``DatasetOptions`` builder is :class:`entrenar_cli.hf_pipeline.DatasetOptions`
+    (its ``hub_options()`` gives one of these).
     """
 
-    split: str = _SplitField()  # type: ignore[assignment]
+    split: str = "train"
     config: str | None = None
     revision: str | None = None
     cache_dir: Path | None = None
     local_dir: Path | None = None
-    stream: bool = True
-    block_length: int | None = None
-    eval_fraction: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "split", _split_name(self.split))
         for name in ("cache_dir", "local_dir"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value).expanduser())
-
-    def streaming(self, on: bool) -> DatasetOptions:
-        """A copy that streams (or not); blocks are always read from the on-disk token cache."""
-        return dataclasses.replace(self, stream=bool(on))
-
-    def max_length(self, n: int) -> DatasetOptions:
-        """A copy with ``n`` tokens per block."""
-        return dataclasses.replace(self, block_length=int(n))
 
 
 @dataclass(frozen=True)

@@ -460,3 +460,197 @@ def advisory_estimate(compute: Callable[[], int]) -> int | None:
 
         warn(f"no memory estimate: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return None
+
+
+# ---- the run skeleton shared by distill and finetune ------------------------------------------
+
+
+def precision_and_device(settings: Any) -> tuple[Any, Any]:
+    """(PrecisionChoice: the precision and the reason the plan prints, device), resolved once per run:
+    the pipeline hands the precision to the Engine, so the plan and the training cannot disagree."""
+    from entrenar_cli.precision import choose_precision
+    from entrenar_cli.trainer import resolve_device
+
+    device = resolve_device(settings.device)
+    return choose_precision(settings.mixed_precision, device), device
+
+
+def world_size() -> int:
+    """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE; a plain run is one)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def masked_lm_tokens(task: str, tokenizer: Any) -> dict[str, int] | None:
+    """The special ids masked-LM batches need (cls/sep are never masked), or None for other tasks."""
+    if task != "masked" or tokenizer.mask_token_id is None:
+        return None
+    return {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "mask": tokenizer.mask_token_id}
+
+
+class TrainingRun:
+    """One kind of training run (distill, finetune) as :func:`run_training` sees it.
+
+    The skeleton owns the order every run follows and everything the kinds share (output directory,
+    plan, free-space check, signals, the engine, metrics before training, the final save, summary,
+    end event, report, the interrupted error). A kind supplies only what differs: :meth:`setup`
+    (load models and data), :meth:`plan`, :meth:`objective`, :meth:`save` and its summary fields.
+    """
+
+    command = "run"  # the subcommand: the metrics' run name and the hints' "entrenar <command>"
+
+    def __init__(self, cfg: Any, opts: RunOptions) -> None:
+        self.cfg = cfg
+        self.opts = opts
+        self.out = Path(cfg.output.dir)
+        # set by setup()
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.train_blocks: Any = None
+        self.eval_blocks: Any = None
+        self.precision = "fp32"
+
+    # ---- what each kind supplies -----------------------------------------------------------
+
+    def setup(self) -> None:
+        """Load the models, tokenizer and data into the attributes above."""
+        raise NotImplementedError
+
+    def plan(self) -> dict[str, Any]:
+        """What the run will do: printed before training, returned by --dry-run, kept in the summary."""
+        raise NotImplementedError
+
+    def print_plan(self, plan: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def disk_bytes(self, plan: dict[str, Any]) -> int:
+        """Disk the run writes at its peak (see :func:`disk_bytes_needed`)."""
+        raise NotImplementedError
+
+    def objective(self) -> Any:
+        raise NotImplementedError
+
+    def summary(self, plan: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        """The kind's summary fields for this engine result (run, models, metrics)."""
+        raise NotImplementedError
+
+    def save(self, model: Any) -> dict[str, str]:
+        """Write the trained model into the output directory; returns the summary's ``outputs``."""
+        raise NotImplementedError
+
+    def format_eval(self, metrics: dict[str, Any]) -> str:
+        return f"ppl {metrics['perplexity']:.4g}" if "perplexity" in metrics else ""
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def on_start(self) -> None:
+        """Main process, before the engine starts: record extra outputs of this run."""
+
+    def after_training(self, summary: dict[str, Any]) -> None:
+        """Main process, after the model and summary are saved, unless a signal came (distill --baseline)."""
+
+    def skipped_on_signal(self, summary: dict[str, Any]) -> str | None:
+        """What :meth:`after_training` did not finish because of a signal (an exit-1 note), or None."""
+        return None
+
+    # ---- shared -------------------------------------------------------------------------------
+
+    def engine(self, objective: Any) -> Any:
+        from entrenar_cli.trainer import Engine, EngineOptions
+
+        out, opts = self.out, self.opts
+
+        def on_eval(record: dict[str, Any]) -> None:
+            from entrenar_cli.console import info
+
+            info(f"eval step {record['step']}: " + self.format_eval(record))
+            refresh_report(out)
+
+        return Engine(self.cfg.training, self.model, objective, self.train_blocks, self.eval_blocks,
+                      EngineOptions(output_dir=out, run=self.command, resume=opts.resume, progress=opts.progress,
+                                    keep_checkpoints=self.cfg.output.save_total_limit, on_eval=on_eval),
+                      pad_token_id=self.tokenizer.pad_token_id or 0, precision=self.precision)
+
+
+def run_training(run: TrainingRun) -> dict[str, Any]:
+    """The one run skeleton: prepare -> plan -> train -> save -> summary -> report; returns the summary."""
+    from entrenar_cli.console import info, is_main_process
+    from entrenar_cli.signals import STOP
+
+    out, opts = run.out, run.opts
+    main = is_main_process()
+    if main:  # under torchrun only rank 0 owns the output directory
+        prepare_output_dir(out, opts, run_inputs(run.cfg, opts.config_path))
+    run.setup()
+    plan = run.plan()
+    if main:
+        run.print_plan(plan)
+    if opts.dry_run:
+        return {"dry_run": True, "plan": plan}
+    if main:
+        check_free_space(out, run.disk_bytes(plan))
+    # from the first step until the model is saved, SIGINT/SIGTERM stop at a safe point
+    with STOP, output_write_errors(out):
+        summary = train_and_save(run, plan)
+        if not main:
+            return summary
+        if STOP.signal is None:
+            run.after_training(summary)
+        if STOP.signal is not None:
+            after_stop_signal(out, skipped=run.skipped_on_signal(summary))
+            return summary
+    report = refresh_report(out)
+    if report:
+        info(f"report: {report}")
+    return summary
+
+
+def train_and_save(run: TrainingRun, plan: dict[str, Any]) -> dict[str, Any]:
+    """Train through the shared engine, then save the model and summary (exit 1 with a checkpoint when
+    interrupted)."""
+    from entrenar_cli.checkpoint import latest_checkpoint
+    from entrenar_cli.console import info, is_main_process
+    from entrenar_cli.signals import pause_for_tests
+
+    out, opts = run.out, run.opts
+    main = is_main_process()
+    if main:
+        write_resolved_config(out, run.cfg)
+        record_written(out, "metrics.jsonl")
+        if not (opts.resume and (out / "metrics.jsonl").exists()):
+            start_event(out, run.command, run.cfg)
+        run.on_start()
+    engine = run.engine(run.objective())
+    if opts.resume and latest_checkpoint(out) is not None:
+        before = stored_student_before(out) or {}  # measured by the first run, before its first step
+    else:
+        before = engine.evaluate() if len(run.eval_blocks) else {}
+        if before:
+            info("before training: " + run.format_eval(before))
+            if main:
+                store_student_before(out, before)
+    result = engine.train()
+    summary = run.summary(plan, result)
+    if before:
+        summary["student_before"] = {k: before[k] for k in SUMMARY_METRICS if k in before}
+    if engine.is_main:
+        if result["status"] == "completed":
+            model = engine.accelerator.unwrap_model(engine.model)
+            pause_for_tests("the final save")
+            summary["outputs"] = run.save(model)
+            summary["student"]["size_bytes"] = dir_size(out)
+        write_summary(out, summary)
+        log_event(out, {"event": "end", "time": time.time(), "status": result["status"], "steps": result["steps"]})
+        run.print_summary(summary)
+    if result["status"] == "interrupted":
+        if engine.is_main:
+            refresh_report(out)
+        raise interrupted_error(result, out, run.command)
+    return summary
+
+
+# the engine result's fields every summary carries, and the held-out metrics a summary reports
+RESULT_FIELDS = ("status", "steps", "total_steps", "tokens", "elapsed_s", "tokens_per_s", "peak_mem_bytes",
+                 "precision", "device", "skipped_steps", "resumed_from")
+SUMMARY_METRICS = ("perplexity", "eval_loss", "kl_to_teacher", "agreement", "embedding_cosine", "hidden_mse",
+                   "teacher_nll_of_student")

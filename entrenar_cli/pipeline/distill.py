@@ -16,22 +16,19 @@ from entrenar_cli.config.schema import DistillationYamlConfig
 from entrenar_cli.console import info, warn
 from entrenar_cli.errors import ConfigError
 from entrenar_cli.pipeline.common import (
+    RESULT_FIELDS,
+    SUMMARY_METRICS,
     RunOptions,
+    TrainingRun,
     advisory_estimate,
-    after_stop_signal,
-    check_free_space,
-    dir_size,
     disk_bytes_needed,
-    interrupted_error,
-    output_write_errors,
+    masked_lm_tokens,
+    precision_and_device,
     prepare_output_dir,
     record_written,
-    refresh_report,
-    run_inputs,
+    run_training,
     start_event,
-    store_student_before,
-    stored_student_before,
-    write_resolved_config,
+    world_size,
     write_summary,
 )
 
@@ -58,15 +55,6 @@ class DistillSetup:
     layer_scores: list[float] | None = None  # teacher block importance (strategy: importance)
     # tokenizers differ (entrenar_cli.cross_tokenizer.CrossSetup); ``tokenizer`` is then the student's
     cross: Any = None
-
-
-def _precision_and_device(settings: Any) -> tuple[Any, Any]:
-    """(PrecisionChoice: precision and the reason the plan prints, device); the Engine resolves the same."""
-    from entrenar_cli.precision import choose_precision
-    from entrenar_cli.trainer import resolve_device
-
-    device = resolve_device(settings.device)
-    return choose_precision(settings.mixed_precision, device), device
 
 
 def _check_mapping(name: str, mapping: list[tuple[int, int]], n_student: int, n_teacher: int,
@@ -112,7 +100,7 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     from entrenar_cli.data import load_blocks
     from entrenar_cli.trainer import precision_dtype
 
-    choice, device = _precision_and_device(cfg.training)
+    choice, device = precision_and_device(cfg.training)
     precision = choice.precision
     t_src = cfg.teacher
     t_loc = models.open_source(t_src)
@@ -244,7 +232,8 @@ def build_objective(su: DistillSetup, cache: Any = None) -> Any:
 
     return DistillObjective(su.teacher, su.cfg.distillation, task=su.task, vocab=su.vocab,
                             student_dim=models.hidden_size(su.student), teacher_dim=models.hidden_size(su.teacher),
-                            mlm_info=_mlm_info(su), cache=cache, logits_budget=logits_budget(su.cfg.training))
+                            mlm_info=masked_lm_tokens(su.task, su.tokenizer), cache=cache,
+                            logits_budget=logits_budget(su.cfg.training))
 
 
 def teacher_cache_spec(su: DistillSetup) -> dict[str, Any]:
@@ -325,27 +314,18 @@ def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
     return cache
 
 
-def _mlm_info(su: DistillSetup) -> dict[str, int] | None:
-    tok = su.tokenizer
-    if su.task != "masked" or tok.mask_token_id is None:
-        return None
-    return {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "mask": tok.mask_token_id}
-
-
 def plan(su: DistillSetup) -> dict[str, Any]:
     """The resolved plan printed by --dry-run and stored in the summary."""
     from entrenar_cli import models, sharding
+    from entrenar_cli.trainer import planned_steps
 
     t_params, _ = models.count_parameters(su.teacher)
     s_params, s_train = models.count_parameters(su.student)
     tr = su.cfg.training
     sharding.mark_planned(tr, su.student, su.teacher)  # the logit-path line then tells the truth
-    blocks_per_step = tr.batch_size * tr.gradient_accumulation
-    per_epoch = len(su.train_blocks) // blocks_per_step
-    steps = per_epoch * tr.epochs
-    if tr.max_steps:
-        steps = min(steps, tr.max_steps)
-    tokens_per_step = blocks_per_step * su.cfg.dataset.max_length
+    world = world_size()
+    steps, per_epoch = planned_steps(tr, len(su.train_blocks), world)
+    tokens_per_step = tr.batch_size * tr.gradient_accumulation * world * su.cfg.dataset.max_length
     estimate = _memory_estimate(su)
     return {
         "teacher": {"name": su.teacher_name, "parameters": t_params, "layers": models.num_layers(su.teacher),
@@ -378,7 +358,7 @@ def _logit_loss_line(su: DistillSetup, tr: Any) -> str:
 def _memory_estimate(su: DistillSetup) -> int | None:
     """Training-memory estimate for the plan (advice: see common.advisory_estimate)."""
     from entrenar_cli import lora_defaults, sharding
-    from entrenar_cli.memory import estimate_training
+    from entrenar_cli.estimate import estimate_training
 
     def compute() -> int:
         tr = su.cfg.training
@@ -439,103 +419,77 @@ def print_plan(p: dict[str, Any]) -> None:
                   f"{op['temperature']:g}, top_p {op['top_p']:g}), loss {op['loss']} on generated tokens")
 
 
+class DistillRun(TrainingRun):
+    """`entrenar distill` on the shared skeleton (:func:`~entrenar_cli.pipeline.common.run_training`)."""
+
+    command = "distill"
+
+    def setup(self) -> None:
+        from entrenar_cli.data import check_dataset_settings
+
+        if self.cfg.dataset.path is not None:
+            check_dataset_settings(self.cfg.dataset.path, None)
+        self.su = su = setup(self.cfg)
+        self.model, self.tokenizer, self.precision = su.student, su.tokenizer, su.precision
+        self.train_blocks, self.eval_blocks = su.train_blocks, su.eval_blocks
+        self.cache: Any = None
+        # --baseline trains the same initial student again: keep a copy before the KD run changes it
+        self.baseline_init = copy.deepcopy(su.student) if self.opts.baseline else None
+
+    def plan(self) -> dict[str, Any]:
+        return plan(self.su)
+
+    def print_plan(self, plan: dict[str, Any]) -> None:
+        print_plan(plan)
+
+    def disk_bytes(self, plan: dict[str, Any]) -> int:
+        lora = self.cfg.student.lora is not None
+        return disk_bytes_needed(plan["student"]["parameters"], plan["student"]["trainable_parameters"],
+                                 self.cfg.output.save_total_limit, full_model=not lora or self.cfg.output.merge,
+                                 adapter=lora)
+
+    def on_start(self) -> None:
+        _record_cache_dir(self.su, self.out)
+
+    def objective(self) -> Any:
+        self.cache = open_teacher_cache(self.su, self.out)
+        return build_objective(self.su, self.cache)
+
+    def format_eval(self, metrics: dict[str, Any]) -> str:
+        return _fmt_eval(metrics)
+
+    def summary(self, plan: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        summary = _summary(plan, result)
+        cache = self.cache
+        if cache is not None:
+            summary["teacher_cache"] = {"dir": str(cache.dir), "hit_rate": cache.hit_rate, "hits": cache.hits,
+                                        "misses": cache.misses, "size_bytes": cache.size_bytes}
+            info(f"teacher cache: hit rate {100 * cache.hit_rate:.1f}%, {cache.size_bytes / 2**20:.1f} MiB")
+        return summary
+
+    def save(self, model: Any) -> dict[str, str]:
+        return save_outputs(model, self.su, self.out)
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        print_summary(summary)
+
+    def after_training(self, summary: dict[str, Any]) -> None:
+        if self.baseline_init is None:
+            return
+        record_written(self.out, "baseline")
+        summary["baseline"] = run_baseline(self.su, self.baseline_init, self.out / "baseline", self.opts)
+        write_summary(self.out, summary)
+        _print_verdict(summary)
+
+    def skipped_on_signal(self, summary: dict[str, Any]) -> str | None:
+        if self.baseline_init is None:
+            return None
+        return "the CE-only baseline was interrupted" if "baseline" in summary else "the CE-only baseline was not run"
+
+
 def run(cfg: DistillationYamlConfig, opts: RunOptions) -> dict[str, Any]:
     """Distill; returns the summary (also written to summary.json)."""
-    from entrenar_cli.console import is_main_process
-    from entrenar_cli.signals import STOP
-
-    out = Path(cfg.output.dir)
-    main = is_main_process()
-    if main:  # under torchrun only rank 0 owns the output directory
-        prepare_output_dir(out, opts, run_inputs(cfg, opts.config_path))
-    from entrenar_cli.data import check_dataset_settings
-
-    if cfg.dataset.path is not None:
-        check_dataset_settings(cfg.dataset.path, None)
-    su = setup(cfg)
-    p = plan(su)
-    if main:
-        print_plan(p)
-    if opts.dry_run:
-        return {"dry_run": True, "plan": p}
-    if main:
-        lora = cfg.student.lora is not None
-        check_free_space(out, disk_bytes_needed(p["student"]["parameters"], p["student"]["trainable_parameters"],
-                                                cfg.output.save_total_limit, full_model=not lora or cfg.output.merge,
-                                                adapter=lora))
-    baseline_init = copy.deepcopy(su.student) if opts.baseline else None
-    # from the first step until the model is saved, SIGINT/SIGTERM stop at a safe point
-    with STOP, output_write_errors(out):
-        summary = train_and_save(su, out, opts, p)
-        if not main:
-            return summary
-        if baseline_init is not None and STOP.signal is None:
-            record_written(out, "baseline")
-            summary["baseline"] = run_baseline(su, baseline_init, out / "baseline", opts, p)
-            write_summary(out, summary)
-            _print_verdict(summary)
-        if STOP.signal is not None:
-            after_stop_signal(out, skipped=None if baseline_init is None else
-                              ("the CE-only baseline was interrupted" if "baseline" in summary
-                               else "the CE-only baseline was not run"))
-            return summary
-    report = refresh_report(out)
-    if report:
-        info(f"report: {report}")
-    return summary
-
-
-def train_and_save(su: DistillSetup, out: Path, opts: RunOptions, p: dict[str, Any]) -> dict[str, Any]:
-    from entrenar_cli.console import is_main_process
-    from entrenar_cli.signals import pause_for_tests
-    from entrenar_cli.trainer import Engine, EngineOptions
-
-    cfg = su.cfg
-    main = is_main_process()
-    if main:
-        write_resolved_config(out, cfg)
-        record_written(out, "metrics.jsonl")
-        if not (opts.resume and (out / "metrics.jsonl").exists()):
-            start_event(out, "distill", cfg)
-        _record_cache_dir(su, out)
-    cache = open_teacher_cache(su, out)
-    objective = build_objective(su, cache)
-    engine = Engine(cfg.training, su.student, objective, su.train_blocks, su.eval_blocks,
-                    EngineOptions(output_dir=out, run="distill", resume=opts.resume, progress=opts.progress,
-                                  keep_checkpoints=cfg.output.save_total_limit,
-                                  on_eval=lambda r: _on_eval(out, r)),
-                    pad_token_id=su.tokenizer.pad_token_id or 0)
-    if opts.resume and _has_checkpoint(out):
-        before = stored_student_before(out)  # measured by the first run, before its first step
-    else:
-        before = engine.evaluate() if len(su.eval_blocks) else {}
-        if before:
-            info("before training: " + _fmt_eval(before))
-            if main:
-                store_student_before(out, before)
-    result = engine.train()
-    student = engine.accelerator.unwrap_model(engine.model)
-    summary = _summary(su, p, result, before, out)
-    if cache is not None:
-        summary["teacher_cache"] = {"dir": str(cache.dir), "hit_rate": cache.hit_rate, "hits": cache.hits,
-                                    "misses": cache.misses, "size_bytes": cache.size_bytes}
-        info(f"teacher cache: hit rate {100 * cache.hit_rate:.1f}%, {cache.size_bytes / 2**20:.1f} MiB")
-    if engine.is_main:
-        if result["status"] == "completed":
-            pause_for_tests("the final save")
-            save_outputs(student, su, out)
-            summary["outputs"] = {"model_dir": str(out)}
-            if cfg.student.lora is not None:
-                summary["outputs"]["adapter_dir"] = str(out / "adapter")
-            summary["student"]["size_bytes"] = dir_size(out)
-        write_summary(out, summary)
-        from entrenar_cli.pipeline.common import log_event
-
-        log_event(out, {"event": "end", "time": time.time(), "status": result["status"], "steps": result["steps"]})
-        print_summary(summary)
-    if result["status"] == "interrupted":
-        raise interrupted_error(result, out, "distill")
-    return summary
+    return run_training(DistillRun(cfg, opts))
 
 
 def _record_cache_dir(su: DistillSetup, out: Path) -> None:
@@ -546,17 +500,6 @@ def _record_cache_dir(su: DistillSetup, out: Path) -> None:
     directory = (Path(settings.dir).expanduser() if settings.dir else out / "teacher-cache").absolute()
     if directory.is_relative_to(out.absolute()) and directory != out.absolute():
         record_written(out, directory.relative_to(out.absolute()).parts[0])
-
-
-def _has_checkpoint(out: Path) -> bool:
-    from entrenar_cli.checkpoint import latest_checkpoint
-
-    return latest_checkpoint(out) is not None
-
-
-def _on_eval(out: Path, record: dict[str, Any]) -> None:
-    info(f"eval step {record['step']}: " + _fmt_eval(record))
-    refresh_report(out)
 
 
 def _fmt_eval(m: dict[str, Any]) -> str:
@@ -581,25 +524,15 @@ def save_outputs(student: Any, su: DistillSetup, out: Path) -> None:
     models.save_model_files(student, su.tokenizer, out, before_rename=lambda names: record_written(out, *names))
 
 
-def _summary(su: DistillSetup, p: dict[str, Any], result: dict[str, Any], before: dict[str, Any] | None,
-             out: Path) -> dict[str, Any]:
+def _summary(p: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     ev = result.get("eval") or {}
     teacher = dict(p["teacher"])
     if "teacher_perplexity" in ev:
         teacher["perplexity"] = ev["teacher_perplexity"]
     student = dict(p["student"])
-    for k in ("perplexity", "kl_to_teacher", "agreement", "embedding_cosine", "hidden_mse", "teacher_nll_of_student"):
-        if k in ev:
-            student[k] = ev[k]
-    summary = {"run": "distill", **{k: result[k] for k in ("status", "steps", "total_steps", "tokens", "elapsed_s",
-                                                           "tokens_per_s", "peak_mem_bytes", "precision", "device",
-                                                           "skipped_steps", "resumed_from")},
-               "estimated_mem_bytes": p.get("estimated_mem_bytes"), "teacher": teacher, "student": student}
-    if before:
-        summary["student_before"] = {k: before[k] for k in ("perplexity", "kl_to_teacher", "agreement",
-                                                            "embedding_cosine", "teacher_nll_of_student")
-                                     if k in before}
-    return summary
+    student.update({k: ev[k] for k in SUMMARY_METRICS if k in ev})
+    return {"run": "distill", **{k: result[k] for k in RESULT_FIELDS},
+            "estimated_mem_bytes": p.get("estimated_mem_bytes"), "teacher": teacher, "student": student}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -632,7 +565,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     out.print(table)
 
 
-def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions, p: dict[str, Any]) -> dict[str, Any]:
+def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions) -> dict[str, Any]:
     """The same student, initialisation, data and steps, trained with plain cross-entropy."""
     from entrenar_cli.chunking import logits_budget
     from entrenar_cli.objectives import LMObjective
@@ -642,10 +575,10 @@ def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions, p: di
     info("baseline: training the same student with cross-entropy only (no teacher)")
     prepare_output_dir(out, RunOptions(overwrite=True))
     start_event(out, "baseline", su.cfg)
-    objective = LMObjective(su.task, su.vocab, _mlm_info(su), logits_budget(su.cfg.training))
+    objective = LMObjective(su.task, su.vocab, masked_lm_tokens(su.task, su.tokenizer), logits_budget(su.cfg.training))
     engine = Engine(su.cfg.training, init, objective, su.train_blocks, su.eval_blocks,
                     EngineOptions(output_dir=out, run="baseline", progress=opts.progress),
-                    pad_token_id=su.tokenizer.pad_token_id or 0)
+                    pad_token_id=su.tokenizer.pad_token_id or 0, precision=su.precision)
     result = engine.train()
     model = engine.accelerator.unwrap_model(engine.model).eval()
     metrics: dict[str, Any] = {}

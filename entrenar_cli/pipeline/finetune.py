@@ -6,7 +6,6 @@ outputs, with the plain language-modelling objective.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,24 +14,17 @@ from entrenar_cli.config.schema import FineTuneYamlConfig
 from entrenar_cli.console import info
 from entrenar_cli.errors import ConfigError, DataError, EntrenarError
 from entrenar_cli.pipeline.common import (
+    RESULT_FIELDS,
+    SUMMARY_METRICS,
     RunOptions,
+    TrainingRun,
     advisory_estimate,
-    after_stop_signal,
-    check_free_space,
-    dir_size,
     disk_bytes_needed,
-    interrupted_error,
-    log_event,
-    output_write_errors,
-    prepare_output_dir,
+    masked_lm_tokens,
+    precision_and_device,
     record_written,
-    refresh_report,
-    run_inputs,
-    start_event,
-    store_student_before,
-    stored_student_before,
-    write_resolved_config,
-    write_summary,
+    run_training,
+    world_size,
 )
 
 
@@ -155,9 +147,7 @@ def _encode_chat(
 def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
     from entrenar_cli import models
     from entrenar_cli.data import load_blocks
-    from entrenar_cli.pipeline.distill import _precision_and_device
-
-    choice, device = _precision_and_device(cfg.training)
+    choice, device = precision_and_device(cfg.training)
     src = cfg.model
     loc = models.open_source(src)
     tokenizer = models.load_tokenizer(loc, src.trust_remote_code)
@@ -187,7 +177,7 @@ def setup(cfg: FineTuneYamlConfig) -> FineTuneSetup:
 
 def _estimate(su: FineTuneSetup) -> int | None:
     """Training-memory estimate for the plan (advice: see common.advisory_estimate)."""
-    from entrenar_cli.memory import estimate_training
+    from entrenar_cli.estimate import estimate_training
     from entrenar_cli.sharding import plan_memory_bytes, planned_logits_budget
 
     def compute() -> int:
@@ -205,111 +195,74 @@ def _estimate(su: FineTuneSetup) -> int | None:
     return advisory_estimate(compute)
 
 
+class FineTuneRun(TrainingRun):
+    """`entrenar finetune` on the shared skeleton (:func:`~entrenar_cli.pipeline.common.run_training`)."""
+
+    command = "finetune"
+
+    def setup(self) -> None:
+        from entrenar_cli import models, sharding
+
+        self.su = su = setup(self.cfg)
+        self.model, self.tokenizer, self.precision = su.model, su.tokenizer, su.precision
+        self.train_blocks, self.eval_blocks = su.train_blocks, su.eval_blocks
+        self.parameters, self.trainable = models.count_parameters(su.model)
+        sharding.mark_planned(self.cfg.training, su.model)  # the logit-path line then tells the truth
+
+    def plan(self) -> dict[str, Any]:
+        from entrenar_cli.objectives import planned_logit_path
+        from entrenar_cli.trainer import planned_steps
+
+        su, tr = self.su, self.cfg.training
+        logit_path = planned_logit_path(tr, {"model": su.model}) if su.task in ("causal", "masked") else ""
+        steps, per_epoch = planned_steps(tr, len(su.train_blocks), world_size())
+        return {"method": self.cfg.method, "parameters": self.parameters, "trainable_parameters": self.trainable,
+                "estimated_mem_bytes": _estimate(su), "logit_loss": logit_path, "steps": steps,
+                "steps_per_epoch": per_epoch, "train_blocks": len(su.train_blocks),
+                "eval_blocks": len(su.eval_blocks), "precision": su.precision,
+                "precision_reason": su.precision_reason}
+
+    def print_plan(self, plan: dict[str, Any]) -> None:
+        from entrenar_cli import sharding
+        from entrenar_cli.fsutil import human_bytes
+
+        total, trainable, estimate = plan["parameters"], plan["trainable_parameters"], plan["estimated_mem_bytes"]
+        info(f"parameters {total:,}, trainable {trainable:,} ({100 * trainable / max(1, total):.2f}%)"
+             + (f"; estimated training memory {human_bytes(estimate)}{sharding.memory_note(self.cfg.training)}"
+                if estimate else "")
+             + f"; precision {plan['precision_reason'] or plan['precision']}"
+             + (f"; logit losses: {plan['logit_loss']}" if plan["logit_loss"] else ""))
+
+    def disk_bytes(self, plan: dict[str, Any]) -> int:
+        lora = self.cfg.method != "full"
+        return disk_bytes_needed(self.parameters, self.trainable, self.cfg.output.save_total_limit,
+                                 full_model=not lora or self.cfg.output.merge, adapter=lora)
+
+    def objective(self) -> Any:
+        from entrenar_cli.chunking import logits_budget
+        from entrenar_cli.objectives import LMObjective
+
+        return LMObjective(self.su.task, None, masked_lm_tokens(self.su.task, self.tokenizer),
+                           logits_budget(self.cfg.training))
+
+    def summary(self, plan: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        ev = result.get("eval") or {}
+        return {"run": "finetune", "method": self.cfg.method, **{k: result[k] for k in RESULT_FIELDS},
+                "estimated_mem_bytes": plan["estimated_mem_bytes"],
+                "student": {"name": self.cfg.model.model_id, "parameters": self.parameters,
+                            "trainable_parameters": self.trainable,
+                            **{k: ev[k] for k in SUMMARY_METRICS if k in ev}}}
+
+    def save(self, model: Any) -> dict[str, str]:
+        return save_outputs(model, self.su, self.out)
+
+    def print_summary(self, summary: dict[str, Any]) -> None:
+        _print_summary(summary)
+
+
 def run(cfg: FineTuneYamlConfig, opts: RunOptions) -> dict[str, Any]:
-    from entrenar_cli import models
-    from entrenar_cli.console import is_main_process
-    from entrenar_cli.fsutil import human_bytes
-    from entrenar_cli.signals import STOP
-
-    out = Path(cfg.output.dir)
-    main = is_main_process()
-    if main:  # under torchrun only rank 0 owns the output directory
-        prepare_output_dir(out, opts, run_inputs(cfg, opts.config_path))
-    su = setup(cfg)
-    total, trainable = models.count_parameters(su.model)
-    from entrenar_cli import sharding
-
-    sharding.mark_planned(cfg.training, su.model)  # the logit-path line then tells the truth
-    estimate = _estimate(su)
-    from entrenar_cli.objectives import planned_logit_path
-
-    logit_path = planned_logit_path(cfg.training, {"model": su.model}) if su.task in ("causal", "masked") else ""
-    info(f"parameters {total:,}, trainable {trainable:,} ({100 * trainable / max(1, total):.2f}%)"
-         + (f"; estimated training memory {human_bytes(estimate)}{sharding.memory_note(cfg.training)}"
-            if estimate else "")
-         + f"; precision {su.precision_reason or su.precision}"
-         + (f"; logit losses: {logit_path}" if logit_path else ""))
-    if opts.dry_run:
-        return {"dry_run": True, "parameters": total, "trainable_parameters": trainable,
-                "estimated_mem_bytes": estimate, "logit_loss": logit_path,
-                "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
-                "precision": su.precision, "precision_reason": su.precision_reason}
-    if main:
-        lora = cfg.method != "full"
-        check_free_space(out, disk_bytes_needed(total, trainable, cfg.output.save_total_limit,
-                                                full_model=not lora or cfg.output.merge, adapter=lora))
-    # from the first step until the model is saved, SIGINT/SIGTERM stop at a safe point
-    with STOP, output_write_errors(out):
-        summary = _train_and_save(su, out, opts, total, trainable, estimate)
-        if not main:
-            return summary
-        if STOP.signal is not None:
-            after_stop_signal(out)
-            return summary
-    report = refresh_report(out)
-    if report:
-        info(f"report: {report}")
-    return summary
-
-
-def _train_and_save(su: FineTuneSetup, out: Path, opts: RunOptions, total: int, trainable: int,
-                    estimate: int | None) -> dict[str, Any]:
-    """Train, then save the model and the summary (exit 1 with a checkpoint when interrupted)."""
-    from entrenar_cli.chunking import logits_budget
-    from entrenar_cli.console import is_main_process
-    from entrenar_cli.objectives import LMObjective
-    from entrenar_cli.signals import pause_for_tests
-    from entrenar_cli.trainer import Engine, EngineOptions
-
-    cfg = su.cfg
-    main = is_main_process()
-    if main:
-        write_resolved_config(out, cfg)
-        record_written(out, "metrics.jsonl")
-        if not (opts.resume and (out / "metrics.jsonl").exists()):
-            start_event(out, "finetune", cfg)
-    mlm = None
-    if su.task == "masked" and su.tokenizer.mask_token_id is not None:
-        mlm = {"cls": su.tokenizer.cls_token_id, "sep": su.tokenizer.sep_token_id, "mask": su.tokenizer.mask_token_id}
-    objective = LMObjective(su.task, None, mlm, logits_budget(cfg.training))
-    engine = Engine(cfg.training, su.model, objective, su.train_blocks, su.eval_blocks,
-                    EngineOptions(output_dir=out, run="finetune", resume=opts.resume, progress=opts.progress,
-                                  keep_checkpoints=cfg.output.save_total_limit,
-                                  on_eval=lambda r: _on_eval(out, r)),
-                    pad_token_id=su.tokenizer.pad_token_id or 0)
-    from entrenar_cli.checkpoint import latest_checkpoint
-
-    if opts.resume and latest_checkpoint(out) is not None:
-        before = stored_student_before(out) or {}  # measured by the first run, before its first step
-    else:
-        before = engine.evaluate() if len(su.eval_blocks) else {}
-        if before and main:
-            store_student_before(out, before)
-    result = engine.train()
-    summary: dict[str, Any] = {
-        "run": "finetune", "method": cfg.method,
-        **{k: result[k] for k in ("status", "steps", "total_steps", "tokens", "elapsed_s", "tokens_per_s",
-                                  "peak_mem_bytes", "precision", "device", "skipped_steps", "resumed_from")},
-        "estimated_mem_bytes": estimate,
-        "student": {"name": cfg.model.model_id, "parameters": total, "trainable_parameters": trainable,
-                    **{k: v for k, v in (result.get("eval") or {}).items() if k in ("perplexity", "eval_loss")}},
-    }
-    if before:
-        summary["student_before"] = {"perplexity": before.get("perplexity")}
-    if not engine.is_main:
-        return summary
-    if result["status"] == "completed":
-        model = engine.accelerator.unwrap_model(engine.model)
-        pause_for_tests("the final save")
-        summary["outputs"] = save_outputs(model, su, out)
-        summary["student"]["size_bytes"] = dir_size(out)
-    write_summary(out, summary)
-    log_event(out, {"event": "end", "time": time.time(), "status": result["status"], "steps": result["steps"]})
-    _print_summary(summary)
-    if result["status"] == "interrupted":
-        refresh_report(out)
-        raise interrupted_error(result, out, "finetune")
-    return summary
+    """Fine-tune; returns the summary (also written to summary.json)."""
+    return run_training(FineTuneRun(cfg, opts))
 
 
 def save_outputs(model: Any, su: FineTuneSetup, out: Path) -> dict[str, str]:
@@ -342,11 +295,6 @@ def save_outputs(model: Any, su: FineTuneSetup, out: Path) -> dict[str, str]:
         models.save_model_files(merged, su.tokenizer, out, before_rename=record)
         outputs["model_dir"] = str(out)
     return outputs
-
-
-def _on_eval(out: Path, record: dict[str, Any]) -> None:
-    info(f"eval step {record['step']}: perplexity {record.get('perplexity', float('nan')):.4g}")
-    refresh_report(out)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
