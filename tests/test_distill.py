@@ -260,12 +260,25 @@ def test_teacher_cache_fills_then_serves_and_refuses_mismatch(trained_tiny_llama
         run(cfg, RunOptions(progress=False))
 
 
-def test_baseline_trains_both_and_writes_both(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+def test_baseline_trains_both_and_writes_both(tiny_llama: Path, stdlib_text: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     from entrenar_cli.pipeline.distill import run
 
     out = tmp_path / "kd"
-    summary = run(distill_config(tiny_llama, stdlib_text, out, max_steps=4), RunOptions(progress=False, baseline=True))
+    cfg = distill_config(tiny_llama, stdlib_text, out, max_steps=4)
+    cfg.training.eval_steps = 2
+    summary = run(cfg, RunOptions(progress=False, baseline=True))
     assert "perplexity" in summary["baseline"] and "agreement" in summary["baseline"]
+    # the ratio at every evaluation while the baseline runs, and the equal-wall-time comparison
+    err = capsys.readouterr().err
+    kd_at_2 = [m["perplexity"] for m in read_metrics(out) if m["event"] == "eval" and m["step"] == 2][0]
+    base_at_2 = [m["perplexity"] for m in read_metrics(out / "baseline") if m["event"] == "eval" and m["step"] == 2][0]
+    assert f"baseline eval step 2: ppl {base_at_2:.4g}; KD student at step 2: ppl {kd_at_2:.4g} " \
+           f"({kd_at_2 / base_at_2:.2f}x)" in err, err
+    eq = summary["baseline"]["equal_wall_time"]
+    assert 0 < eq["seconds"] and 0 <= eq["kd_steps"] <= 4 and 0 <= eq["baseline_steps"] <= 4
+    assert max(eq["kd_steps"], eq["baseline_steps"]) == pytest.approx(4)  # the faster run's end sets the time
+    assert eq["ratio"] == pytest.approx(eq["kd_perplexity"] / eq["baseline_perplexity"])
     base = json.loads((out / "baseline" / "summary.json").read_text())
     assert base["steps"] == summary["steps"] == 4
     assert (out / "baseline" / "metrics.jsonl").is_file() and (out / "report.html").is_file()

@@ -511,3 +511,27 @@ def test_report_displays_in_headless_chromium(rendered: ReportResult, tmp_path: 
     assert png_size(data) == (1200, 2000)
     # a page with charts and tables compresses far worse than a blank or error page (~10 KB)
     assert len(data) > 100_000, len(data)
+
+
+def test_equal_wall_time_interpolates_the_slower_run_at_the_faster_runs_end(tmp_path: Path) -> None:
+    import math
+
+    from entrenar_cli.report.compare import equal_time_line, equal_wall_time
+    from entrenar_cli.report.runlog import RunLog
+
+    def log(times: list[float], ppl: list[float], before: float | None = None) -> RunLog:
+        return RunLog(tmp_path, train=[{"step": 10 * (i + 1), "elapsed_s": t} for i, t in enumerate(times)],
+                      evals=[{"step": 10 * (i + 1), "perplexity": p} for i, p in enumerate(ppl)],
+                      summary={"student_before": {"perplexity": before}} if before else {})
+
+    kd, ce = log([30.0, 60.0], [50.0, 30.0], before=100.0), log([10.0, 20.0], [60.0, 40.0])
+    eq = equal_wall_time(kd, ce)
+    assert eq is not None and eq["seconds"] == 20.0 and eq["baseline_steps"] == 20 and eq["baseline_perplexity"] == 40
+    # KD at 20 s: step 20/30 * 10 = 6.67, between the step-0 evaluation (100) and step 10 (50), log-linear
+    assert eq["kd_steps"] == pytest.approx(20 / 3)
+    assert eq["kd_perplexity"] == pytest.approx(math.exp(math.log(100) / 3 + 2 * math.log(50) / 3))
+    assert eq["ratio"] == pytest.approx(eq["kd_perplexity"] / 40)
+    assert "does NOT beat the baseline" in equal_time_line(eq) and "63.0 vs 40.0 (1.57x)" in equal_time_line(eq)
+    # without the KD run's step-0 evaluation, the slower run cannot be placed before its first one
+    assert equal_wall_time(log([30.0, 60.0], [50.0, 30.0]), ce) is None
+    assert equal_time_line(None) == ""

@@ -477,7 +477,14 @@ class DistillRun(TrainingRun):
         if self.baseline_init is None:
             return
         record_written(self.out, "baseline")
-        summary["baseline"] = run_baseline(self.su, self.baseline_init, self.out / "baseline", self.opts)
+        summary["baseline"] = run_baseline(self.su, self.baseline_init, self.out / "baseline", self.opts,
+                                           kd_metrics=self.out / "metrics.jsonl")
+        from entrenar_cli.report import read_baseline, read_run
+        from entrenar_cli.report.compare import equal_wall_time
+
+        baseline_log, _ = read_baseline(self.out)
+        if baseline_log is not None:
+            summary["baseline"]["equal_wall_time"] = equal_wall_time(read_run(self.out), baseline_log)
         write_summary(self.out, summary)
         _print_verdict(summary)
 
@@ -565,8 +572,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     out.print(table)
 
 
-def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions) -> dict[str, Any]:
-    """The same student, initialisation, data and steps, trained with plain cross-entropy."""
+def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions, *,
+                 kd_metrics: Path | None = None) -> dict[str, Any]:
+    """The same student, initialisation, data and steps, trained with plain cross-entropy.
+
+    With ``kd_metrics`` (the KD run's metrics.jsonl) each evaluation also prints the KD student's
+    perplexity at the same step and the ratio, so the crossing point shows while it runs.
+    """
     from entrenar_cli.chunking import logits_budget
     from entrenar_cli.objectives import LMObjective
     from entrenar_cli.pipeline.common import log_event
@@ -577,7 +589,8 @@ def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions) -> di
     start_event(out, "baseline", su.cfg)
     objective = LMObjective(su.task, su.vocab, masked_lm_tokens(su.task, su.tokenizer), logits_budget(su.cfg.training))
     engine = Engine(su.cfg.training, init, objective, su.train_blocks, su.eval_blocks,
-                    EngineOptions(output_dir=out, run="baseline", progress=opts.progress),
+                    EngineOptions(output_dir=out, run="baseline", progress=opts.progress,
+                                  on_eval=lambda r: _baseline_eval_line(r, kd_metrics)),
                     pad_token_id=su.tokenizer.pad_token_id or 0, precision=su.precision)
     result = engine.train()
     model = engine.accelerator.unwrap_model(engine.model).eval()
@@ -595,17 +608,27 @@ def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions) -> di
     return {k: metrics[k] for k in ("perplexity", "agreement", "kl_to_teacher", "embedding_cosine") if k in metrics}
 
 
+def _baseline_eval_line(record: dict[str, Any], kd_metrics: Path | None) -> None:
+    """``baseline eval step 100: ppl 51.5; KD student at step 100: ppl 46.9 (0.91x)``."""
+    import json
+
+    line = f"baseline eval step {record['step']}: ppl {record.get('perplexity', float('nan')):.4g}"
+    kd = None
+    if kd_metrics is not None and kd_metrics.is_file():
+        for text in kd_metrics.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(text) if text.strip() else {}
+            if rec.get("event") == "eval" and rec.get("step") == record["step"] and "perplexity" in rec:
+                kd = rec["perplexity"]  # the last one wins (a resumed run may repeat a step)
+    if kd is not None and record.get("perplexity"):
+        line += f"; KD student at step {record['step']}: ppl {kd:.4g} ({kd / record['perplexity']:.2f}x)"
+    info(line)
+
+
 def _print_verdict(summary: dict[str, Any]) -> None:
     from entrenar_cli.console import out
+    from entrenar_cli.report.compare import compare_with_baseline, equal_time_line
 
-    try:
-        from entrenar_cli.report import compare_with_baseline
-
-        verdict = compare_with_baseline(summary, {"student": summary["baseline"]})["verdict"]
-    except Exception:  # noqa: BLE001 - fall back to a plain line
-        kd, base = summary["student"].get("perplexity"), summary["baseline"].get("perplexity")
-        if kd is None or base is None:
-            return
-        verdict = (f"KD student {'beats' if kd < base else 'does NOT beat'} the CE-only baseline: "
-                   f"held-out perplexity {kd:.4g} vs {base:.4g} ({kd / base:.2f}x)")
-    out.print(verdict)
+    out.print(compare_with_baseline(summary, {"student": summary["baseline"]})["verdict"])
+    equal = equal_time_line(summary["baseline"].get("equal_wall_time"))
+    if equal:
+        out.print(equal[0].upper() + equal[1:])

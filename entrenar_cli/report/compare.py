@@ -58,7 +58,74 @@ def compare_runs(run: RunLog, baseline: RunLog | None) -> dict[str, Any] | None:
     base_steps = None
     if baseline is not None:
         base_steps = baseline.summary.get("steps", baseline.last_step)
-    return compare_with_baseline(kd_side, {"student": baseline_numbers(run, baseline), "steps": base_steps})
+    result = compare_with_baseline(kd_side, {"student": baseline_numbers(run, baseline), "steps": base_steps})
+    result["equal_wall_time"] = equal_wall_time(run, baseline) if baseline is not None else None
+    return result
+
+
+def equal_wall_time(run: RunLog, baseline: RunLog) -> dict[str, float] | None:
+    """Both students after the same training time, which is what a user with a time budget compares.
+
+    The run that finished first sets the time; the other's step at that time comes from its train
+    records (``elapsed_s``), and its held-out perplexity there is interpolated log-linearly between
+    its evaluations (the KD run's pre-training evaluation is step 0 of both: they start from the
+    same student). None when a run lacks the records.
+    """
+    before = number((run.summary.get("student_before") or {}).get("perplexity"))
+    sides = []
+    for log in (run, baseline):
+        steps, times = log.series("elapsed_s")
+        eval_steps, ppl = log.series("perplexity", "eval")
+        curve = dict(zip(eval_steps, ppl))
+        if before is not None:
+            curve.setdefault(0.0, before)
+        if not times or not curve:
+            return None
+        sides.append(([0.0, *steps], [0.0, *times], curve))
+    seconds = min(sides[0][1][-1], sides[1][1][-1])
+    at = []
+    for steps, times, curve in sides:
+        step = _interp(times, steps, seconds)
+        ppl = _interp_log(curve, step)
+        if ppl is None:
+            return None
+        at.append((step, ppl))
+    (kd_step, kd_ppl), (base_step, base_ppl) = at
+    return {"seconds": seconds, "kd_steps": kd_step, "baseline_steps": base_step, "kd_perplexity": kd_ppl,
+            "baseline_perplexity": base_ppl, "ratio": kd_ppl / base_ppl if base_ppl else math.nan}
+
+
+def equal_time_line(eq: dict[str, float] | None) -> str:
+    """The equal-wall-time sentence of the verdict ("" without the numbers)."""
+    if not eq:
+        return ""
+    who = "beats" if eq["kd_perplexity"] < eq["baseline_perplexity"] else "does NOT beat"
+    return (f"at equal wall time ({eq['seconds']:.0f} s of training: KD step {eq['kd_steps']:.0f}, CE-only step "
+            f"{eq['baseline_steps']:.0f}) the KD student {who} the baseline: held-out perplexity "
+            f"{fmt_perplexity(eq['kd_perplexity'])} vs {fmt_perplexity(eq['baseline_perplexity'])} "
+            f"({eq['ratio']:.2f}x)")
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise-linear y(x) over increasing xs, clamped to the ends."""
+    if x <= xs[0]:
+        return ys[0]
+    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * ((x - x0) / (x1 - x0) if x1 > x0 else 1.0)
+    return ys[-1]
+
+
+def _interp_log(curve: dict[float, float], step: float) -> float | None:
+    """Log-linear interpolation of a perplexity curve; None outside the evaluated steps."""
+    pts = sorted(curve.items())
+    for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
+        if s0 <= step <= s1 and p0 > 0 and p1 > 0:
+            w = (step - s0) / (s1 - s0)
+            return math.exp((1 - w) * math.log(p0) + w * math.log(p1))
+    if pts and abs(step - pts[-1][0]) < 1e-6:
+        return pts[-1][1]
+    return None
 
 
 def baseline_numbers(run: RunLog, baseline: RunLog | None) -> dict[str, Any]:

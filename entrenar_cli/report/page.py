@@ -124,6 +124,11 @@ def render_page(
         beats = comparison.get("kd_beats_baseline")
         css = "good" if beats is True else "bad" if beats is False else "unknown"
         parts.append(f'<div class="verdict {css}" id="verdict">{escape(comparison["verdict"])}</div>')
+        from entrenar_cli.report.compare import equal_time_line
+
+        equal = equal_time_line(comparison.get("equal_wall_time"))
+        if equal:
+            parts.append(f'<p id="equal-wall-time">{escape(equal[0].upper() + equal[1:])}</p>')
     if notes:
         parts.append('<ul class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>")
 
