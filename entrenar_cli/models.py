@@ -275,8 +275,13 @@ def check_tokenizer_fits(tokenizer: Any, config: dict[str, Any], loc: ModelLocat
 
 def load_model(loc: ModelLocation, *, task: str | None = None, dtype: torch.dtype = torch.float32,
                eager_attention: bool = False, trust_remote_code: bool = False,
-               allow_pickle: bool = False) -> nn.Module:
-    """Load weights with the right Auto class; eager attention only when maps are needed."""
+               allow_pickle: bool = False, placement: dict[str, Any] | None = None) -> nn.Module:
+    """Load weights with the right Auto class; eager attention only when maps are needed.
+
+    ``placement``: accelerate big-model loading (``device_map``, ``max_memory``, ``offload_folder``;
+    ``TeacherConfig.placement()``): the model is spread over devices (and disk) with hooks that move
+    activations, and its outputs come back on the device of its inputs.
+    """
     config = read_config(loc)
     task = task or task_of(config)
     _check_model_type(config, loc, trust_remote_code)
@@ -284,6 +289,7 @@ def load_model(loc: ModelLocation, *, task: str | None = None, dtype: torch.dtyp
         "dtype": dtype,
         "trust_remote_code": trust_remote_code,
         "attn_implementation": "eager" if eager_attention else "sdpa",
+        **(placement or {}),
     }
     if loc.is_gguf:
         kwargs["gguf_file"] = loc.gguf_file
@@ -302,6 +308,11 @@ def load_model(loc: ModelLocation, *, task: str | None = None, dtype: torch.dtyp
     except Exception as exc:  # noqa: BLE001 - transformers reports a bad model with many exception types
         raise _load_error(loc, exc) from None
     return model
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether the model was placed by a ``device_map`` (accelerate): it stays where it was loaded."""
+    return bool(getattr(model, "hf_device_map", None))
 
 
 def _check_model_type(config: dict[str, Any], loc: ModelLocation, trust_remote_code: bool) -> None:

@@ -114,6 +114,9 @@ class LogitPath:
         for name, m in models.items():
             if getattr(m, "_entrenar_sharded", False):
                 return self._off(f"the {name} is sharded (FSDP): its head weight is a shard outside forward")
+            if getattr(m, "hf_device_map", None):
+                return self._off(f"the {name} is spread over devices (device_map): its head weight may be "
+                                 "offloaded outside forward")
             head = output_head(m)
             if head is None:
                 return self._off(f"the {name}'s output head is not a plain linear layer")
@@ -251,8 +254,12 @@ class TeacherObjective:
         return []
 
     def to(self, device: torch.device) -> None:
-        """The teacher (and the hidden-state projections) live where the student trains."""
-        self.teacher.to(device)
+        """The teacher (and the hidden-state projections) live where the student trains, unless the
+        teacher was spread over devices (``teacher.device_map``): its hooks bring outputs back here."""
+        from entrenar_cli.models import is_dispatched
+
+        if not is_dispatched(self.teacher):
+            self.teacher.to(device)
         if self.progressive is not None:
             self.progressive.to(device)
 

@@ -282,3 +282,55 @@ def test_two_process_fill_equals_one_process_fill(tiny_llama: Path, stdlib_text:
         assert torch.allclose(ra["vals"], rb["vals"], atol=1e-2) and torch.allclose(ra["tail"], rb["tail"], atol=1e-4)
         same_samples += float((ra["idx"][..., k:] == rb["idx"][..., k:]).float().mean()) / 16
     assert same_samples > 0.99
+
+
+def test_fill_with_a_teacher_spread_over_memory_and_disk_equals_a_whole_teacher_fill(
+        tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    """teacher.device_map (accelerate big-model loading): a cap of 300 KB of CPU memory puts the
+    embeddings and head in memory and the transformer blocks on disk; the cache is the same."""
+    from safetensors import safe_open
+
+    from entrenar_cli.commands.cache import fill
+    from entrenar_cli.models import is_dispatched
+    from entrenar_cli.pipeline.distill import setup
+
+    whole = _config(tiny_llama, stdlib_text, tmp_path / "out", tmp_path / "whole")
+    text = _config_text(tiny_llama, stdlib_text, tmp_path / "out", tmp_path / "placed").replace(
+        f"teacher:\n  model_id: {tiny_llama}\n",
+        f"teacher:\n  model_id: {tiny_llama}\n  device_map: auto\n  max_memory: {{cpu: 300KB}}\n"
+        f"  offload_dir: {tmp_path / 'offload'}\n")
+    placed = validate_text(text, DistillationYamlConfig, "t.yaml")
+    su = setup(placed, teacher_only=True)  # type: ignore[arg-type]
+    assert is_dispatched(su.teacher) and "disk" in set(su.teacher.hf_device_map.values())
+    assert "cpu" in set(su.teacher.hf_device_map.values())
+    assert fill(whole)["filled"] == 16 and fill(placed)["filled"] == 16
+    a, b = index_shards(tmp_path / "whole"), index_shards(tmp_path / "placed")
+    for block in range(16):
+        with safe_open(str(a[block]), "pt") as fa, safe_open(str(b[block]), "pt") as fb:
+            assert torch.equal(fa.get_tensor(f"b{block}.rec"), fb.get_tensor(f"b{block}.rec"))
+    # a run that would copy the teacher's layers into the student refuses a spread teacher, saying why
+    from entrenar_cli.pipeline.common import RunOptions
+    from entrenar_cli.pipeline.distill import run
+
+    with pytest.raises(ConfigError, match="init_from_teacher copies the teacher's layers"):
+        run(placed, RunOptions(progress=False))  # type: ignore[arg-type]
+
+
+def test_distill_from_a_spread_teacher_into_its_own_student(tiny_llama: Path, tiny_tokenizer_dir: Path,
+                                                            stdlib_text: Path, tmp_path: Path) -> None:
+    from entrenar_cli.pipeline.common import RunOptions
+    from entrenar_cli.pipeline.distill import run
+    from tests.conftest import make_tiny_llama
+
+    student = make_tiny_llama(tmp_path / "student", tiny_tokenizer_dir, layers=2, seed=3)
+    text = _config_text(tiny_llama, stdlib_text, tmp_path / "out", tmp_path / "cache", max_steps=3).replace(
+        f"teacher:\n  model_id: {tiny_llama}\nstudent:\n  init_from_teacher: 2\n",
+        f"teacher:\n  model_id: {tiny_llama}\n  device_map: auto\n  max_memory: {{cpu: 300KB}}\n"
+        f"student:\n  model_id: {student}\n")
+    cfg = validate_text(text, DistillationYamlConfig, "t.yaml")
+    summary = run(cfg, RunOptions(progress=False))  # type: ignore[arg-type]
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert summary["teacher_cache"]["misses"] > 0  # the spread teacher ran (and filled the cache)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in records if m["event"] == "train"]
+    assert len(losses) == 3 and all(np.isfinite(losses))

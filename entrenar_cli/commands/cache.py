@@ -112,7 +112,7 @@ def fill(cfg: Any, *, shard_blocks: int | None = None, rebuild: bool = False,
     rank, world = _distributed()
     if cfg.distillation.kd_loss != "forward_kl":
         raise ConfigError("entrenar cache: the teacher cache serves kd_loss: forward_kl only")
-    su = setup(cfg)
+    su = setup(cfg, teacher_only=True)
     if su.task == "masked":
         raise ConfigError("entrenar cache: masked-LM distillation masks tokens at random each step, so teacher "
                           "outputs cannot be cached", hint="distill encoders with an MLM head without a cache")
@@ -131,7 +131,11 @@ def fill(cfg: Any, *, shard_blocks: int | None = None, rebuild: bool = False,
     device = su.device
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    teacher = su.teacher.to(device)
+    from entrenar_cli.models import is_dispatched
+
+    # a teacher spread over devices (teacher.device_map) stays where it was loaded: its hooks move
+    # activations between devices and return outputs on the device of the inputs
+    teacher = su.teacher if is_dispatched(su.teacher) else su.teacher.to(device)
     need_hidden = bool(spec["hidden"]) or su.task == "base"
     need_attn = bool(spec["attention"])
     collator = DistillationCollator(su.tokenizer.pad_token_id or 0, causal=su.train_blocks.causal)

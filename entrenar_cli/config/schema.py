@@ -8,7 +8,8 @@ so a typo never silently falls back to a default. The distillation YAML of the d
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from pathlib import Path
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -97,8 +98,43 @@ class ModelSource(Section):
         return self
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 class TeacherConfig(ModelSource):
     """The teacher: a frozen model whose outputs the student learns from."""
+
+    device_map: str | dict[str, int | str] | None = Field(
+        None,
+        description="Spread the teacher over several devices (accelerate big-model loading): 'auto', "
+        "'balanced', 'balanced_low_0', 'sequential', or {module: device}; the teacher then stays where it "
+        "is loaded. For `entrenar cache` fills and for students that are not built from the teacher's layers.",
+    )
+    max_memory: dict[str, str] | None = Field(
+        None, description="With device_map: the most each device may hold, e.g. {'0': '20GiB', 'cpu': '60GiB'}."
+    )
+    offload_dir: str | None = Field(
+        None, description="With device_map: the folder for weights placed on 'disk' (kept out of memory)."
+    )
+
+    @model_validator(mode="after")
+    def _device_map_options(self) -> "TeacherConfig":
+        if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a {{module: device}} mapping")
+        if self.device_map is None and (self.max_memory or self.offload_dir):
+            raise ValueError("max_memory and offload_dir place a teacher spread with device_map; set device_map too")
+        return self
+
+    def placement(self) -> dict[str, Any]:
+        """from_pretrained's big-model loading arguments ({} when the teacher loads whole)."""
+        if self.device_map is None:
+            return {}
+        out: dict[str, Any] = {"device_map": self.device_map}
+        if self.max_memory:
+            out["max_memory"] = {int(k) if k.isdigit() else k: v for k, v in self.max_memory.items()}
+        if self.offload_dir:
+            out["offload_folder"] = str(Path(self.offload_dir).expanduser())
+        return out
 
 
 class LoRASettings(Section):

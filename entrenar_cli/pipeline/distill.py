@@ -92,8 +92,30 @@ def resolve_layer_mappings(dist: Any, n_student: int, n_teacher: int, teacher_la
         _check_mapping(attention_name, dist.attention.layer_mapping, n_student, n_teacher, False)
 
 
-def setup(cfg: DistillationYamlConfig) -> DistillSetup:
-    """Load teacher, tokenizer, student and data; check that they fit together."""
+def _check_teacher_placement(cfg: DistillationYamlConfig, teacher_only: bool) -> None:
+    """A teacher spread over devices (``teacher.device_map``) cannot give its layers to the student,
+    nor be sharded again by FSDP."""
+    if cfg.teacher.device_map is None or teacher_only:
+        return
+    if cfg.student.init_from_teacher is not None:
+        raise ConfigError(
+            "teacher.device_map: student.init_from_teacher copies the teacher's layers, which a teacher spread "
+            "over devices does not hold in one place",
+            hint="fill the teacher cache with `entrenar cache CONFIG` (device_map works there), then distill "
+            "without teacher.device_map; or give the student its own student.model_id",
+        )
+    if cfg.training.sharding == "fsdp":
+        raise ConfigError("teacher.device_map and training.sharding: fsdp both place the teacher; choose one",
+                          hint="remove teacher.device_map (FSDP shards the teacher over the processes)")
+
+
+def setup(cfg: DistillationYamlConfig, *, teacher_only: bool = False) -> DistillSetup:
+    """Load teacher, tokenizer, student and data; check that they fit together.
+
+    ``teacher_only`` (``entrenar cache``): a student built from the teacher's layers is not built
+    (the cache needs the teacher, the tokenizer and the data; the compared vocabulary is the
+    teacher's own then), so a teacher spread over devices with ``teacher.device_map`` can be cached.
+    """
     import torch
 
     from entrenar_cli import models
@@ -111,8 +133,10 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
     info(f"loading teacher {t_src.model_id} ({t_config.get('model_type')}, {task})")
     t_dtype = {"auto": precision_dtype(precision), "float32": torch.float32, "bfloat16": torch.bfloat16,
                "float16": torch.float16}[t_src.dtype]
+    _check_teacher_placement(cfg, teacher_only)
     teacher = models.load_model(t_loc, task=task, dtype=t_dtype, eager_attention=need_eager,
-                                trust_remote_code=t_src.trust_remote_code, allow_pickle=t_src.allow_pickle)
+                                trust_remote_code=t_src.trust_remote_code, allow_pickle=t_src.allow_pickle,
+                                placement=t_src.placement())
     teacher.eval().requires_grad_(False)
     max_pos = getattr(teacher.config, "max_position_embeddings", None)
     if max_pos and cfg.dataset.max_length > max_pos:
@@ -142,8 +166,9 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
         else:
             layers = models.spread_layers(n_t, spec) if isinstance(spec, int) else list(spec)
         info(f"student: {len(layers)} of the teacher's {n_t} layers {layers}")
-        # built from an fp32 copy so the student's master weights are full precision
-        student = models.student_from_teacher(teacher, layers)
+        # built from an fp32 copy so the student's master weights are full precision; a cache fill
+        # only needs to know which layers it would have (the teacher stands in: same vocabulary, width)
+        student = teacher if teacher_only else models.student_from_teacher(teacher, layers)
         student_tok = None
         student_name = f"teacher layers {layers}"
     else:
@@ -162,7 +187,7 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
             warn(note)
 
     dist = cfg.distillation
-    n_s, n_t = models.num_layers(student), models.num_layers(teacher)
+    n_s, n_t = len(layers) if layers is not None else models.num_layers(student), models.num_layers(teacher)
     resolve_layer_mappings(dist, n_s, n_t, layers)
     if task == "base" and not (dist.progressive.enabled or dist.attention.enabled or dist.embedding.enabled):
         raise ConfigError(
@@ -175,7 +200,7 @@ def setup(cfg: DistillationYamlConfig) -> DistillSetup:
             f"teacher's {models.hidden_size(teacher)}, so their embeddings cannot be compared",
             hint="use a student of the teacher's width (e.g. student.init_from_teacher) or turn embedding off",
         )
-    if st.lora is not None:
+    if st.lora is not None and not teacher_only:
         student = models.apply_lora(student, st.lora)
 
     info(f"data: {len(train_blocks)} training blocks, "
