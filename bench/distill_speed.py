@@ -157,8 +157,8 @@ def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool =
     compile_: the plain engine run with ``training.compile`` (its first steps compile and are not timed).
     precision: ``training.mixed_precision`` of the plain engine run; chunked: ``training.chunked_logits``.
     """
-    from entrenar_cli.pipeline.common import RunOptions
-    from entrenar_cli.pipeline.distill import _precision_and_device, run
+    from entrenar_cli.pipeline.common import RunOptions, precision_and_device
+    from entrenar_cli.pipeline.distill import run
 
     out = Path(args.tmp) / f"entrenar-{cache}{'-compiled' if compile_ else ''}-{precision}-{chunked}"
     extra: dict[str, Any] = {"training": {"mixed_precision": precision, "chunked_logits": chunked}}
@@ -175,7 +175,7 @@ def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool =
     measured = rates[3 if compile_ else 1:] if cache is None else rates[len(rates) // 2:]
     return {"tokens_per_s": sum(measured) / len(measured), "steps": len(measured),
             "perplexity": summary["student"].get("perplexity"), "precision": summary["precision"],
-            "precision_reason": _precision_and_device(cfg.training)[0].reason,  # the run's (memoized) choice
+            "precision_reason": precision_and_device(cfg.training)[0].reason,  # the run's (memoized) choice
             "cache": summary.get("teacher_cache")}
 
 
