@@ -182,10 +182,10 @@ class DistillationTrainer:
         return vocab
 
     def _mlm_info(self) -> dict[str, int] | None:
+        from entrenar_cli.pipeline.common import masked_lm_tokens
+
         tok = self.teacher.tokenizer
-        if self.teacher.task != "masked" or tok is None or tok.mask_token_id is None:
-            return None
-        return {"cls": tok.cls_token_id, "sep": tok.sep_token_id, "mask": tok.mask_token_id}
+        return None if tok is None else masked_lm_tokens(self.teacher.task, tok)
 
     # ---- the engine -------------------------------------------------------------------------
 
