@@ -73,7 +73,8 @@ class CrossTokenizerObjective(TeacherObjective):
         self.embedding = settings.embedding.enabled
         self.need_hidden = settings.progressive.enabled or self.embedding
         self.need_attn = settings.attention.enabled
-        self.progressive = (ProgressiveDistillation(settings.progressive.layer_mapping, student_dim, teacher_dim)
+        self.progressive = (ProgressiveDistillation(settings.progressive.layer_mapping, student_dim, teacher_dim,
+                                                    settings.progressive.loss)
                             if settings.progressive.enabled else None)
         self.attention = AttentionTransfer(settings.attention.layer_mapping) if self.need_attn else None
         self.progress = 0.0

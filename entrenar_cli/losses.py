@@ -157,6 +157,16 @@ def hidden_state_sum(student_h: Tensor, teacher_h: Tensor, mask: Tensor) -> Tens
     return (diff * mask).sum()
 
 
+def hidden_cosine_sum(student_h: Tensor, teacher_h: Tensor, mask: Tensor) -> Tensor:
+    """Sum over valid tokens of ``1 - cos(student, teacher)``: direction only, blind to the scale that
+    MSE is dominated by (residual streams grow with depth). [b, s, d] -> scalar."""
+    cos = F.cosine_similarity(student_h.float(), teacher_h.float(), dim=-1, eps=1e-6)  # [b, s]
+    return ((1.0 - cos) * mask).sum()
+
+
+HIDDEN_LOSSES = {"mse": hidden_state_sum, "cosine": hidden_cosine_sum}
+
+
 def pool(hidden: Tensor, mask: Tensor, how: str = "mean") -> Tensor:
     """One vector per sequence from ``[b, s, d]`` states: mean over real tokens, first, or last real token."""
     h = hidden.float()
@@ -196,7 +206,8 @@ def attention_transfer_sum(student_a: Tensor, teacher_a: Tensor, mask: Tensor) -
 
 
 class ProgressiveDistillation(nn.Module):
-    """Hidden-state MSE over ``layer_mapping`` pairs ``(student_layer, teacher_layer)``.
+    """Hidden-state matching over ``layer_mapping`` pairs ``(student_layer, teacher_layer)``: MSE, or
+    ``loss="cosine"`` (1 - cosine similarity per token).
 
     Indices are 0-based block indices into lists of per-block outputs. When widths differ a learned
     ``nn.Linear(student_dim, teacher_dim)`` per pair maps student states (trained jointly, never
@@ -204,9 +215,10 @@ class ProgressiveDistillation(nn.Module):
     """
 
     def __init__(self, layer_mapping: Sequence[tuple[int, int]], student_dim: int | None = None,
-                 teacher_dim: int | None = None):
+                 teacher_dim: int | None = None, loss: str = "mse"):
         super().__init__()
         self.layer_mapping = [tuple(p) for p in layer_mapping]
+        self.pair_sum = HIDDEN_LOSSES[loss]
         self._weight = 1.0
         if student_dim is not None and teacher_dim is not None and student_dim != teacher_dim:
             self.projections = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in self.layer_mapping)
@@ -224,12 +236,12 @@ class ProgressiveDistillation(nn.Module):
             h_s = student_hiddens[s_layer]
             if self.projections is not None:
                 h_s = self.projections[i](h_s.to(self.projections[i].weight.dtype))
-            total = total + hidden_state_sum(h_s, teacher_hiddens[t_layer], mask)
+            total = total + self.pair_sum(h_s, teacher_hiddens[t_layer], mask)
         return total / len(self.layer_mapping)
 
     def compute_loss(self, student_hiddens: Sequence[Tensor], teacher_hiddens: Sequence[Tensor],
                      mask: Tensor | None = None) -> Tensor:
-        """Weighted mean per-token MSE."""
+        """Weighted mean per-token loss (MSE or 1 - cosine)."""
         h0 = student_hiddens[0]
         if mask is None:
             mask = torch.ones(h0.shape[:-1], device=h0.device)

@@ -284,7 +284,8 @@ class DistillObjective(TeacherObjective):
         self.teacher_last = num_layers(teacher) - 1
         self.need_attn = settings.attention.enabled
         self.progressive = (
-            ProgressiveDistillation(settings.progressive.layer_mapping, student_dim, teacher_dim)
+            ProgressiveDistillation(settings.progressive.layer_mapping, student_dim, teacher_dim,
+                                    settings.progressive.loss)
             if settings.progressive.enabled else None
         )
         self.attention = AttentionTransfer(settings.attention.layer_mapping) if self.need_attn else None

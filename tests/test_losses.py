@@ -95,6 +95,17 @@ def test_progressive_mse_and_learned_projection() -> None:
     assert proj.projections[0].weight.grad is not None
 
 
+def test_progressive_cosine_is_one_minus_cosine_per_token_and_ignores_scale() -> None:
+    hs = [torch.tensor([[[1.0, 0.0], [1.0, 1.0], [3.0, 4.0]]])]
+    ht = [torch.tensor([[[0.0, 2.0], [2.0, 2.0], [-6.0, -8.0]]])]
+    p = ProgressiveDistillation([(0, 0)], loss="cosine")
+    # per token: 1 - 0 (orthogonal), 1 - 1 (same direction, other scale), 1 - (-1) (opposite) -> mean 1.0
+    assert p.compute_loss(hs, ht).item() == pytest.approx(1.0)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the padded third token does not count
+    assert p.compute_loss(hs, ht, mask).item() == pytest.approx(0.5)
+    assert ProgressiveDistillation([(0, 0)]).compute_loss(hs, ht, mask).item() == pytest.approx((2.5 + 1.0) / 2)  # MSE
+
+
 def test_attention_transfer_value_and_head_averaging() -> None:
     a = torch.softmax(torch.randn(2, 4, 5, 5), -1)
     assert AttentionTransfer().compute_loss([a], [a]).item() == pytest.approx(0.0, abs=1e-7)

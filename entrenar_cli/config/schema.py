@@ -237,7 +237,10 @@ class ProgressiveSettings(Section):
         default_factory=list,
         description="Pairs [student_layer, teacher_layer], 0-based block indices (-1 = embeddings).",
     )
-    weight: float = Field(0.3, ge=0, le=1, description="Weight of the hidden-state MSE term.")
+    weight: float = Field(0.3, ge=0, le=1, description="Weight of the hidden-state term.")
+    loss: Literal["mse", "cosine"] = Field(
+        "mse", description="Per-token distance: mean squared error, or 1 - cosine similarity (direction only)."
+    )
 
     @model_validator(mode="after")
     def _mapping_when_enabled(self) -> "ProgressiveSettings":
