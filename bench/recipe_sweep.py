@@ -77,6 +77,17 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
     "a05-imp-lr1e3": ("forward KL, T=1, alpha=0.5, lr 1e-3, student layers by importance",
                       ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance",
                        "training.learning_rate=1e-3"], "ce-imp-lr1e3"),
+    "a05-imp-hcos": ("forward KL, T=1, alpha=0.5 + last-layer hidden cosine (weight 0.3), layers by importance",
+                     ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance",
+                      "training.learning_rate=5e-4", "distillation.progressive.enabled=true",
+                      "distillation.progressive.layer_mapping=[[5, 29]]", "distillation.progressive.loss=cosine",
+                      "distillation.progressive.weight=0.3"], "ce-imp"),
+    "a05-imp-rkl": ("reverse KL, T=1, alpha=0.5, layers by importance",
+                    ["distillation.alpha=0.5", "distillation.kd_loss=reverse_kl",
+                     "student.init_from_teacher.strategy=importance", "training.learning_rate=5e-4"], "ce-imp"),
+    "a05-imp-jsd": ("JSD (beta 0.5), T=1, alpha=0.5, layers by importance",
+                    ["distillation.alpha=0.5", "distillation.kd_loss=jsd",
+                     "student.init_from_teacher.strategy=importance", "training.learning_rate=5e-4"], "ce-imp"),
 }
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
