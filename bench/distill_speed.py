@@ -11,6 +11,7 @@ Each case runs in its own subprocess (so peak memory is per case) from this one 
 * ``entrenar``   entrenar's engine with the same settings (mixed precision 'auto'),
 * ``entrenar-fp32`` the same with ``mixed_precision: fp32``: 'auto' must be no slower than this,
 * ``entrenar-full`` / ``entrenar-full-fp32`` the same two with ``chunked_logits: false`` (materialised logits),
+* ``entrenar-fused`` entrenar with ``fused_losses: true`` (what the default does for runs of 100+ steps),
 * ``cached``     entrenar with a warm teacher cache (epoch 2 of a cached run),
 * ``uncached``   the same two epochs without cache, for the quality comparison.
 
@@ -151,11 +152,13 @@ def _engine_rate(out: Path) -> list[float]:
 
 
 def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool = False,
-                  precision: str = "auto", chunked: bool = True) -> dict[str, Any]:
+                  precision: str = "auto", chunked: bool = True, fused: bool | None = None) -> dict[str, Any]:
     """cache None: plain engine run; True: two epochs with cache; False: the same two epochs uncached.
 
     compile_: the plain engine run with ``training.compile`` (its first steps compile and are not timed).
     precision: ``training.mixed_precision`` of the plain engine run; chunked: ``training.chunked_logits``.
+    fused: ``training.fused_losses`` (None: the default, auto, which is off for a run this short; True is
+    what auto does for runs of 100+ steps); its first steps compile and are not timed.
     """
     from entrenar_cli.pipeline.common import RunOptions, precision_and_device
     from entrenar_cli.pipeline.distill import run
@@ -169,10 +172,15 @@ def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool =
         extra = {"training": {"max_steps": None, "epochs": 2},
                  "dataset": {"max_blocks": args.steps * args.batch},
                  "distillation": {"teacher_cache": {"enabled": cache}}}
+    if fused is not None:
+        extra["training"]["fused_losses"] = fused
+        out = out.with_name(out.name + f"-fused{fused}")
+        if fused and cache is None:
+            extra["training"]["max_steps"] = args.steps + 3
     cfg = _setup(args, out, extra)
     summary = run(cfg, RunOptions(overwrite=True, progress=False))
     rates = _engine_rate(out)
-    measured = rates[3 if compile_ else 1:] if cache is None else rates[len(rates) // 2:]
+    measured = rates[3 if compile_ or fused else 1:] if cache is None else rates[len(rates) // 2:]
     return {"tokens_per_s": sum(measured) / len(measured), "steps": len(measured),
             "perplexity": summary["student"].get("perplexity"), "precision": summary["precision"],
             "precision_reason": precision_and_device(cfg.training)[0].reason,  # the run's (memoized) choice
@@ -186,7 +194,9 @@ def run_case(name: str, args: argparse.Namespace) -> dict[str, Any]:
           "entrenar-full": lambda: case_entrenar(args, None, chunked=False),
           "entrenar-full-fp32": lambda: case_entrenar(args, None, precision="fp32", chunked=False),
           "cached": lambda: case_entrenar(args, True), "uncached": lambda: case_entrenar(args, False),
-          "compiled": lambda: case_entrenar(args, None, compile_=True)}[name]
+          "compiled": lambda: case_entrenar(args, None, compile_=True),
+          "entrenar-fused": lambda: case_entrenar(args, None, fused=True),
+          "cached-fused": lambda: case_entrenar(args, True, fused=True)}[name]
     result = fn()
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     import torch
@@ -243,7 +253,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     flops = r.get("plain-fp32", {}).get("flops_per_token")
     base = r.get("plain-fp32", {}).get("tokens_per_s")
     for name in ("plain-fp32", "plain-bf16", "entrenar", "entrenar-fp32", "entrenar-full", "entrenar-full-fp32",
-                 "compiled", "cached", "uncached"):
+                 "compiled", "entrenar-fused", "cached", "uncached", "cached-fused"):
         if name not in r:
             continue
         if "skipped" in r[name]:
@@ -258,7 +268,7 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         if flops and peak:
             best = max(peak, r["matmul"]["bf16_gflops"])
             # a warm cache runs no teacher: only the student's FLOPs are done
-            done = r["plain-fp32"]["student_flops_per_token"] if name == "cached" else flops
+            done = r["plain-fp32"]["student_flops_per_token"] if name.startswith("cached") else flops
             line += f"  MFU {100 * tps * done / 1e9 / best:4.1f}% of the best measured peak"
         line += f"  peak RSS {r[name]['peak_rss_bytes'] / 2**30:.2f} GiB"
         if "peak_gpu_bytes" in r[name]:
@@ -267,6 +277,12 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     plains = [r[k]["tokens_per_s"] for k in ("plain-fp32", "plain-bf16") if "tokens_per_s" in r.get(k, {})]
     if plains and "tokens_per_s" in r.get("entrenar", {}):
         print(f"entrenar default: {r['entrenar']['tokens_per_s'] / max(plains):.2f}x the faster plain loop")
+    if plains and "tokens_per_s" in r.get("entrenar-fused", {}):
+        print(f"entrenar default for a run of 100+ steps (fused losses): "
+              f"{r['entrenar-fused']['tokens_per_s'] / max(plains):.2f}x the faster plain loop")
+    if "tokens_per_s" in r.get("cached-fused", {}) and "tokens_per_s" in r.get("uncached", {}):
+        print(f"warm cache with fused losses vs uncached: "
+              f"{r['cached-fused']['tokens_per_s'] / r['uncached']['tokens_per_s']:.2f}x")
     if "tokens_per_s" in r.get("entrenar", {}) and "tokens_per_s" in r.get("entrenar-full", {}):
         ratio = r["entrenar"]["tokens_per_s"] / r["entrenar-full"]["tokens_per_s"]
         print(f"chunked logits (default) vs materialised logits, same precision: {ratio:.2f}x")

@@ -204,6 +204,39 @@ def _chunk(s: Tensor, y: Tensor, teacher: Tensor | tuple[Tensor, Tensor, Tensor]
     return soft, hard, g
 
 
+_compiled_chunk: Any = None
+_fuse_failed: str | None = None
+
+
+def _chunk_impl(fused: bool) -> Any:
+    """:func:`_chunk`, or (``fused``) its torch.compile form: the ~20 element-wise passes over each
+    ``[rows x vocab]`` chunk become a few fused loops (CPU: vectorised C++, CUDA: Triton kernels)."""
+    global _compiled_chunk
+    if not fused or _fuse_failed is not None:
+        return _chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_chunk, dynamic=None)
+    return _compiled_chunk
+
+
+def _call_chunk(fn: Any, *args: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Run a chunk; a fused kernel that cannot be built here (no C++ compiler, an unsupported backend)
+    switches this process to the unfused kernels once, with a warning, instead of failing the run."""
+    global _fuse_failed
+    if fn is _chunk or _fuse_failed is not None:
+        return _chunk(*args)
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: the unfused path computes the same
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fuse_failed = f"{type(exc).__name__}: {first}"[:300]
+        from entrenar_cli.console import warn
+
+        warn(f"fused logit losses unavailable here ({_fuse_failed}); continuing with the unfused kernels "
+             "(set training.fused_losses: false to skip the attempt)")
+        return _chunk(*args)
+
+
 def _sparse_forward_kl(s_logp: Tensor, target: tuple[Tensor, Tensor, Tensor],
                        need_grad: bool) -> tuple[Tensor, Tensor | None]:
     """losses.topk_divergence summed over rows, and its gradient w.r.t. the student's ``z = s/T``.
@@ -236,8 +269,9 @@ def _sparse_forward_kl(s_logp: Tensor, target: tuple[Tensor, Tensor, Tensor],
 
 def _run(h_s: Tensor, student: _Side, y: Tensor, h_t: Tensor | None, teacher: _Side | None,
          topk: tuple[Tensor, Tensor, Tensor] | None, cfg: _Config, rows: int, grad_h: bool, grad_w: bool,
-         grad_b: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+         grad_b: bool, fused: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The chunk loop: (soft sum, hard sum, dL/dh [n, d] fp32, dL/dW [V, d] fp32, dL/db [V] fp32)."""
+    chunk = _chunk_impl(fused)
     n, d = h_s.shape
     vocab = student.w.shape[0]
     dev = h_s.device
@@ -258,7 +292,7 @@ def _run(h_s: Tensor, student: _Side, y: Tensor, h_t: Tensor | None, teacher: _S
             else:
                 assert teacher is not None and h_t is not None
                 t = teacher.logits(h_t[sl])
-        c_soft, c_hard, g = _chunk(s, y[sl], t, cfg, need_grad)
+        c_soft, c_hard, g = _call_chunk(chunk, s, y[sl], t, cfg, need_grad)
         del t
         soft += c_soft
         hard += c_hard
@@ -288,12 +322,12 @@ class _ChunkedLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h_s: Tensor, w_s: Tensor, b_s: Tensor | None,  # type: ignore[override]
                 setup: tuple[Any, ...]) -> tuple[Tensor, Tensor, Tensor]:
-        student, y, h_t, teacher, topk, cfg, rows = setup
+        student, y, h_t, teacher, topk, cfg, rows, fused = setup
         device_type = h_s.device.type
         with torch.autocast(device_type, enabled=False):
             soft, hard, g_h, g_w, g_b = _run(h_s, student, y, h_t, teacher, topk, cfg, rows,
                                              ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                                             b_s is not None and ctx.needs_input_grad[2])
+                                             b_s is not None and ctx.needs_input_grad[2], fused)
         ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (g_h, g_w, g_b)))
         ctx.has = (g_h is not None, g_w is not None, g_b is not None)
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
@@ -358,6 +392,7 @@ def chunked_kd_loss(
     vocab: int | None = None,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     chunk_tokens: int | None = None,
+    fused: bool = False,
 ) -> tuple[Tensor, KDTerms]:
     """Logit KD + CE from hidden states: ``(alpha * soft + (1 - alpha) * hard, KDTerms)``.
 
@@ -368,7 +403,8 @@ def chunked_kd_loss(
     first ``vocab`` logits of each side are compared (default: all of the student's). The first return
     value carries the gradient to ``student_hidden``, the head weight and bias (those that require it);
     the terms' ``soft``/``hard`` are detached sums, exactly what :func:`losses.kd_terms` returns. With
-    ``alpha == 0`` no teacher is needed and ``soft`` is 0 (plain chunked CE).
+    ``alpha == 0`` no teacher is needed and ``soft`` is 0 (plain chunked CE). ``fused``: the per-chunk
+    element-wise work runs as torch.compile'd fused kernels (same math; see :func:`_chunk_impl`).
     """
     _check(temperature, alpha, kind, beta)
     need_soft = alpha > 0
@@ -401,17 +437,18 @@ def chunked_kd_loss(
                                               (b is not None and b.requires_grad))
     if not wants_grad:
         with torch.no_grad(), torch.autocast(h_s.device.type, enabled=False):
-            soft, hard, *_ = _run(h_s, student, y, h_t, teacher, topk, cfg, rows, False, False, False)
+            soft, hard, *_ = _run(h_s, student, y, h_t, teacher, topk, cfg, rows, False, False, False, fused)
         return alpha * soft + (1.0 - alpha) * hard, KDTerms(soft=soft, hard=hard, count=count)
-    total, soft, hard = _ChunkedLogitLoss.apply(h_s, w, b, (student, y, h_t, teacher, topk, cfg, rows))
+    total, soft, hard = _ChunkedLogitLoss.apply(h_s, w, b, (student, y, h_t, teacher, topk, cfg, rows, fused))
     return total, KDTerms(soft=soft, hard=hard, count=count)
 
 
 def chunked_ce(hidden: Tensor, head: OutputHead, labels: Tensor, *, vocab: int | None = None,
-               budget_bytes: int = DEFAULT_BUDGET_BYTES, chunk_tokens: int | None = None) -> tuple[Tensor, KDTerms]:
+               budget_bytes: int = DEFAULT_BUDGET_BYTES, chunk_tokens: int | None = None,
+               fused: bool = False) -> tuple[Tensor, KDTerms]:
     """Summed cross-entropy over valid tokens from hidden states (fine-tuning): ``(hard, KDTerms)``."""
     return chunked_kd_loss(hidden, head, labels, alpha=0.0, vocab=vocab, budget_bytes=budget_bytes,
-                           chunk_tokens=chunk_tokens)
+                           chunk_tokens=chunk_tokens, fused=fused)
 
 
 @dataclass

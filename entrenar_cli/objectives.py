@@ -78,13 +78,13 @@ def mask_tokens(batch: dict[str, Tensor], tokenizer_info: dict[str, int], vocab:
     return {"input_ids": ids, "attention_mask": batch["attention_mask"], "labels": labels}
 
 
-def planned_logit_path(training: Any, models: dict[str, nn.Module]) -> str:
+def planned_logit_path(training: Any, models: dict[str, nn.Module], steps: int | None = None) -> str:
     """What the plan says about logit losses before the first step (the run re-checks on its first batch)."""
-    from entrenar_cli.chunking import logits_budget
+    from entrenar_cli.chunking import fused_losses, logits_budget
 
     path = LogitPath(logits_budget(training))
-    if path.enabled:
-        path.static_check(models)
+    if path.enabled and path.static_check(models) and fused_losses(training, steps):
+        path.fuse()
     return path.note
 
 
@@ -104,6 +104,13 @@ class LogitPath:
         self.checked = False
         self.note = "full logits (training.chunked_logits: false)" if budget_bytes is None else ""
         self.heads: dict[str, Any] = {}
+        self.fused = False  # element-wise work as torch.compile'd kernels (training.fused_losses)
+
+    def fuse(self) -> None:
+        """Run the chunks' element-wise work as fused kernels (the engine decides: training.fused_losses)."""
+        self.fused = True
+        if self.enabled and self.note.startswith("chunked"):
+            self.note += ", element-wise work fused (torch.compile)"
 
     def static_check(self, models: dict[str, nn.Module]) -> bool:
         """Heads found (no forward run): what the plan can promise before the first step."""
@@ -124,6 +131,8 @@ class LogitPath:
         from entrenar_cli.fsutil import human_bytes
 
         self.note = f"chunked over tokens (budget {human_bytes(self.budget)} of logits per chunk)"
+        if self.fused:
+            self.note += ", element-wise work fused (torch.compile)"
         return True
 
     def compiled(self) -> None:
@@ -196,7 +205,8 @@ class LMObjective:
 
             hidden, _ = final_hidden(model, **kwargs)
             # all of the head's rows, as the materialised path's cross-entropy uses
-            hard, terms = chunked_ce(hidden, output_head(model), batch["labels"], budget_bytes=self.logit_path.budget)
+            hard, terms = chunked_ce(hidden, output_head(model), batch["labels"], budget_bytes=self.logit_path.budget,
+                                     fused=self.logit_path.fused)
             return KDTerms(soft=terms.soft, hard=hard, count=terms.count)  # hard: the sum with its gradient
         return kd_terms(model(**kwargs).logits, None, batch["labels"], need_soft=False)
 
@@ -450,7 +460,7 @@ class DistillObjective(TeacherObjective):
                     s_head_in, output_head(model), batch["labels"], teacher_hidden=t_head_in,
                     teacher_head=output_head(self.teacher) if t_head_in is not None else None, teacher_topk=topk,
                     temperature=self.settings.temperature, alpha=alpha, kind=kind, beta=self.beta,
-                    vocab=self.vocab, budget_bytes=self.logit_path.budget)
+                    vocab=self.vocab, budget_bytes=self.logit_path.budget, fused=self.logit_path.fused)
             elif need_soft and topk is None and kind == "forward_kl":
                 s_logits = s_out.logits[..., : self.vocab]
                 # fused loss+gradient, one (tokens x vocab) buffer (see losses.py)
@@ -523,7 +533,7 @@ class DistillObjective(TeacherObjective):
 
                 t_in, _ = final_hidden(self.teacher, **kwargs)
                 hard, _ = chunked_ce(t_in, output_head(self.teacher), gen.batch["labels"], vocab=self.vocab,
-                                     budget_bytes=self.logit_path.budget)
+                                     budget_bytes=self.logit_path.budget, fused=self.logit_path.fused)
             else:
                 t_logits = self.teacher(**kwargs).logits[..., : self.vocab]
                 hard = kd_terms(t_logits, None, gen.batch["labels"], need_soft=False).hard

@@ -201,6 +201,11 @@ class Engine:
         self._extra = extra
         self._trainables = _Trainables(self.model, extra) if self.sharded else None
         self.total_steps = self._plan_steps()
+        from entrenar_cli.chunking import fused_losses
+
+        logit_path = getattr(objective, "logit_path", None)
+        if logit_path is not None and fused_losses(settings, self.total_steps):
+            logit_path.fuse()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(settings.lr_scheduler, settings.warmup_steps, self.total_steps))
         if not self.sharded:  # sharded: FSDP2 already wraps the model; accelerate only launched the processes

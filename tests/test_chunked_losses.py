@@ -585,6 +585,10 @@ def test_compile_and_switch_off_keep_materialised_logits() -> None:
     assert planned_logit_path(TrainingSettings(compile=True), {"model": student}).startswith("chunked")
     assert planned_logit_path(TrainingSettings(chunked_logits=False), {"model": student}) == \
         "full logits (training.chunked_logits: false)"
+    # fused_losses auto: a run of 100+ steps compiles the chunks' element-wise work, and the plan says so
+    assert planned_logit_path(TrainingSettings(), {"model": student}, 100).endswith(
+        ", element-wise work fused (torch.compile)")
+    assert "fused" not in planned_logit_path(TrainingSettings(), {"model": student}, 99)
     assert logits_budget(TrainingSettings(chunked_logits=False)) is None
     objective = LMObjective("causal", logits_budget=2**20)
     objective.compile(regional=False)  # a model without repeated blocks is compiled whole
@@ -628,3 +632,40 @@ def test_compile_is_regional_and_keeps_the_head_out_of_the_graph() -> None:
         assert list(model.state_dict()) == list(_tiny(arch, 0).state_dict())  # checkpoints keep their keys
     flat = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert not compile_model(flat) and flat._compiled_call_impl is not None  # nothing repeated: whole
+
+
+def test_fused_losses_switch_follows_the_run_length() -> None:
+    from entrenar_cli.chunking import FUSE_MIN_STEPS, fused_losses
+    from entrenar_cli.config.schema import TrainingSettings
+
+    assert not fused_losses(TrainingSettings(), FUSE_MIN_STEPS - 1) and fused_losses(TrainingSettings(), FUSE_MIN_STEPS)
+    assert not fused_losses(TrainingSettings(), None)  # unknown length: compiling may not pay
+    assert fused_losses(TrainingSettings(fused_losses=True), 3)
+    assert not fused_losses(TrainingSettings(fused_losses=False), 10_000)
+    assert not fused_losses(TrainingSettings(fused_losses=True, chunked_logits=False), 10_000)  # nothing to fuse
+
+
+def test_fused_kernels_compute_the_same_loss_and_gradients() -> None:
+    """torch.compile'd chunks (training.fused_losses) against the reference, KD + CE with T=2 (fp32);
+    11-row chunks: the 18 valid rows give two shapes, so the dynamic recompile is covered too."""
+    c = _setup(3, bias=True)
+    _assert_same(_ours(c, temperature=2.0, alpha=0.5, chunk_tokens=11, fused=True), _reference(c, T=2.0, alpha=0.5))
+
+
+def test_fused_kernels_that_cannot_be_built_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import entrenar_cli.chunked_losses as cl
+
+    def no_compiler(fn: Any, **kw: Any) -> Any:
+        def fail(*a: Any) -> Any:
+            raise RuntimeError("InductorError: no C++ compiler found\nlong details")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    monkeypatch.setattr(cl, "_compiled_chunk", None)
+    monkeypatch.setattr(cl, "_fuse_failed", None)
+    c = _setup(4)
+    _assert_same(_ours(c, temperature=1.0, alpha=0.5, chunk_tokens=5, fused=True), _reference(c, T=1.0, alpha=0.5))
+    err = capsys.readouterr().err
+    assert err.count("fused logit losses unavailable here (RuntimeError: InductorError: no C++ compiler found)") == 1
+    assert cl._fuse_failed is not None and cl._chunk_impl(True) is cl._chunk  # the rest of the run: unfused

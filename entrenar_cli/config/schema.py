@@ -442,6 +442,12 @@ class TrainingSettings(Section):
         description="Memory for one chunk's logit temporaries (MiB): the chunk size follows from it and the "
         "vocabulary.",
     )
+    fused_losses: bool | Literal["auto"] = Field(
+        "auto", description="Compile the chunked logit losses' element-wise work (softmaxes, divergence, gradient) "
+        "into fused kernels with torch.compile: about 2x less time in that part of the step, for 10-30 s of "
+        "compiling once. auto: on for runs of at least 100 optimizer steps; falls back to the unfused kernels "
+        "(with a warning) where compiling fails.",
+    )
     eval_steps: int | None = Field(
         None, gt=0, le=MAX_STEPS, description="Evaluate every N optimizer steps (and at the end)."
     )
