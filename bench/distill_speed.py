@@ -11,7 +11,7 @@ Each case runs in its own subprocess (so peak memory is per case) from this one 
 * ``entrenar``   entrenar's engine with the same settings (mixed precision 'auto'),
 * ``entrenar-fp32`` the same with ``mixed_precision: fp32``: 'auto' must be no slower than this,
 * ``entrenar-full`` / ``entrenar-full-fp32`` the same two with ``chunked_logits: false`` (materialised logits),
-* ``entrenar-fused`` entrenar with ``fused_losses: true`` (what the default does for runs of 100+ steps),
+* ``entrenar-fused`` entrenar with ``fused_losses: true`` (compiled element-wise loss kernels),
 * ``cached``     entrenar with a warm teacher cache (epoch 2 of a cached run),
 * ``uncached``   the same two epochs without cache, for the quality comparison.
 
@@ -157,8 +157,8 @@ def case_entrenar(args: argparse.Namespace, cache: bool | None, compile_: bool =
 
     compile_: the plain engine run with ``training.compile`` (its first steps compile and are not timed).
     precision: ``training.mixed_precision`` of the plain engine run; chunked: ``training.chunked_logits``.
-    fused: ``training.fused_losses`` (None: the default, auto, which is off for a run this short; True is
-    what auto does for runs of 100+ steps); its first steps compile and are not timed.
+    fused: ``training.fused_losses`` (None: the default, off); with True its first steps compile and are
+    not timed.
     """
     from entrenar_cli.pipeline.common import RunOptions, precision_and_device
     from entrenar_cli.pipeline.distill import run
@@ -278,8 +278,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     if plains and "tokens_per_s" in r.get("entrenar", {}):
         print(f"entrenar default: {r['entrenar']['tokens_per_s'] / max(plains):.2f}x the faster plain loop")
     if plains and "tokens_per_s" in r.get("entrenar-fused", {}):
-        print(f"entrenar default for a run of 100+ steps (fused losses): "
-              f"{r['entrenar-fused']['tokens_per_s'] / max(plains):.2f}x the faster plain loop")
+        print(f"entrenar with fused_losses: {r['entrenar-fused']['tokens_per_s'] / max(plains):.2f}x the faster "
+              "plain loop")
     if "tokens_per_s" in r.get("cached-fused", {}) and "tokens_per_s" in r.get("uncached", {}):
         print(f"warm cache with fused losses vs uncached: "
               f"{r['cached-fused']['tokens_per_s'] / r['uncached']['tokens_per_s']:.2f}x")

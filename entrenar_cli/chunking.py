@@ -15,8 +15,6 @@ DEFAULT_BUDGET_BYTES = 256 * 2**20
 # output before its fp32 upcast (half a buffer in bf16), and one spare. CE alone needs fewer.
 BUFFERS_KD = 7
 BUFFERS_CE = 3
-# training.fused_losses "auto": compiling the loss costs 10-30 s once, so only runs this long pay for it
-FUSE_MIN_STEPS = 100
 
 
 def chunk_rows(vocab: int, budget_bytes: int = DEFAULT_BUDGET_BYTES, *, teacher: bool = True) -> int:
@@ -47,11 +45,6 @@ def logits_budget(training: Any) -> int | None:
     return int(getattr(training, "logits_budget_mb", DEFAULT_BUDGET_BYTES // 2**20)) * 2**20
 
 
-def fused_losses(training: Any, total_steps: int | None) -> bool:
-    """Whether the chunked losses' element-wise work is compiled into fused kernels (training.fused_losses)."""
-    if logits_budget(training) is None:
-        return False
-    setting = getattr(training, "fused_losses", "auto")
-    if setting == "auto":
-        return total_steps is not None and total_steps >= FUSE_MIN_STEPS
-    return bool(setting)
+def fused_losses(training: Any) -> bool:
+    """Whether the chunked losses' element-wise work runs as compiled fused kernels (training.fused_losses)."""
+    return logits_budget(training) is not None and bool(getattr(training, "fused_losses", False))

@@ -78,12 +78,12 @@ def mask_tokens(batch: dict[str, Tensor], tokenizer_info: dict[str, int], vocab:
     return {"input_ids": ids, "attention_mask": batch["attention_mask"], "labels": labels}
 
 
-def planned_logit_path(training: Any, models: dict[str, nn.Module], steps: int | None = None) -> str:
+def planned_logit_path(training: Any, models: dict[str, nn.Module]) -> str:
     """What the plan says about logit losses before the first step (the run re-checks on its first batch)."""
     from entrenar_cli.chunking import fused_losses, logits_budget
 
     path = LogitPath(logits_budget(training))
-    if path.enabled and path.static_check(models) and fused_losses(training, steps):
+    if path.enabled and path.static_check(models) and fused_losses(training):
         path.fuse()
     return path.note
 

@@ -204,7 +204,7 @@ class Engine:
         from entrenar_cli.chunking import fused_losses
 
         logit_path = getattr(objective, "logit_path", None)
-        if logit_path is not None and fused_losses(settings, self.total_steps):
+        if logit_path is not None and fused_losses(settings):
             logit_path.fuse()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(settings.lr_scheduler, settings.warmup_steps, self.total_steps))

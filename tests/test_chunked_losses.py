@@ -585,10 +585,10 @@ def test_compile_and_switch_off_keep_materialised_logits() -> None:
     assert planned_logit_path(TrainingSettings(compile=True), {"model": student}).startswith("chunked")
     assert planned_logit_path(TrainingSettings(chunked_logits=False), {"model": student}) == \
         "full logits (training.chunked_logits: false)"
-    # fused_losses auto: a run of 100+ steps compiles the chunks' element-wise work, and the plan says so
-    assert planned_logit_path(TrainingSettings(), {"model": student}, 100).endswith(
+    # fused_losses: the chunks' element-wise work is compiled, and the plan says so
+    assert planned_logit_path(TrainingSettings(fused_losses=True), {"model": student}).endswith(
         ", element-wise work fused (torch.compile)")
-    assert "fused" not in planned_logit_path(TrainingSettings(), {"model": student}, 99)
+    assert "fused" not in planned_logit_path(TrainingSettings(), {"model": student})
     assert logits_budget(TrainingSettings(chunked_logits=False)) is None
     objective = LMObjective("causal", logits_budget=2**20)
     objective.compile(regional=False)  # a model without repeated blocks is compiled whole
@@ -634,15 +634,12 @@ def test_compile_is_regional_and_keeps_the_head_out_of_the_graph() -> None:
     assert not compile_model(flat) and flat._compiled_call_impl is not None  # nothing repeated: whole
 
 
-def test_fused_losses_switch_follows_the_run_length() -> None:
-    from entrenar_cli.chunking import FUSE_MIN_STEPS, fused_losses
+def test_fused_losses_switch() -> None:
+    from entrenar_cli.chunking import fused_losses
     from entrenar_cli.config.schema import TrainingSettings
 
-    assert not fused_losses(TrainingSettings(), FUSE_MIN_STEPS - 1) and fused_losses(TrainingSettings(), FUSE_MIN_STEPS)
-    assert not fused_losses(TrainingSettings(), None)  # unknown length: compiling may not pay
-    assert fused_losses(TrainingSettings(fused_losses=True), 3)
-    assert not fused_losses(TrainingSettings(fused_losses=False), 10_000)
-    assert not fused_losses(TrainingSettings(fused_losses=True, chunked_logits=False), 10_000)  # nothing to fuse
+    assert not fused_losses(TrainingSettings()) and fused_losses(TrainingSettings(fused_losses=True))
+    assert not fused_losses(TrainingSettings(fused_losses=True, chunked_logits=False))  # nothing to fuse
 
 
 def test_fused_kernels_compute_the_same_loss_and_gradients() -> None:

@@ -442,11 +442,11 @@ class TrainingSettings(Section):
         description="Memory for one chunk's logit temporaries (MiB): the chunk size follows from it and the "
         "vocabulary.",
     )
-    fused_losses: bool | Literal["auto"] = Field(
-        "auto", description="Compile the chunked logit losses' element-wise work (softmaxes, divergence, gradient) "
-        "into fused kernels with torch.compile: about 2x less time in that part of the step, for 10-30 s of "
-        "compiling once. auto: on for runs of at least 100 optimizer steps; falls back to the unfused kernels "
-        "(with a warning) where compiling fails.",
+    fused_losses: bool = Field(
+        False, description="Compile the chunked logit losses' element-wise work (softmaxes, divergence, gradient) "
+        "into fused kernels with torch.compile (about 2x faster in that part, 10-30 s of compiling once; falls "
+        "back, with a warning, where compiling fails). Off by default: on a 2-core CPU the whole step measured "
+        "no faster (BENCHMARKS.md).",
     )
     eval_steps: int | None = Field(
         None, gt=0, le=MAX_STEPS, description="Evaluate every N optimizer steps (and at the end)."

@@ -364,12 +364,12 @@ def plan(su: DistillSetup) -> dict[str, Any]:
         "vocab": su.vocab,
         "estimated_mem_bytes": estimate, "estimated_mem_note": sharding.memory_note(tr),
         **({"cross_tokenizer": su.cross.plan()} if su.cross is not None else {}),
-        "logit_loss": _logit_loss_line(su, tr, steps),
+        "logit_loss": _logit_loss_line(su, tr),
         "on_policy": su.cfg.distillation.on_policy.model_dump(),
     }
 
 
-def _logit_loss_line(su: DistillSetup, tr: Any, steps: int) -> str:
+def _logit_loss_line(su: DistillSetup, tr: Any) -> str:
     """How the logit losses run, for the plan ("" when the models compare no logits)."""
     from entrenar_cli.objectives import planned_logit_path
 
@@ -377,7 +377,7 @@ def _logit_loss_line(su: DistillSetup, tr: Any, steps: int) -> str:
         return ""
     if su.cross is not None:  # cross_objective compares aligned positions' distributions, materialised
         return "full logits on aligned positions (cross-tokenizer losses are not chunked)"
-    return planned_logit_path(tr, {"student": su.student, "teacher": su.teacher}, steps)
+    return planned_logit_path(tr, {"student": su.student, "teacher": su.teacher})
 
 
 def _memory_estimate(su: DistillSetup) -> int | None:

@@ -215,7 +215,7 @@ class FineTuneRun(TrainingRun):
 
         su, tr = self.su, self.cfg.training
         steps, per_epoch = planned_steps(tr, len(su.train_blocks), world_size())
-        logit_path = planned_logit_path(tr, {"model": su.model}, steps) if su.task in ("causal", "masked") else ""
+        logit_path = planned_logit_path(tr, {"model": su.model}) if su.task in ("causal", "masked") else ""
         return {"method": self.cfg.method, "parameters": self.parameters, "trainable_parameters": self.trainable,
                 "estimated_mem_bytes": _estimate(su), "logit_loss": logit_path, "steps": steps,
                 "steps_per_epoch": per_epoch, "train_blocks": len(su.train_blocks),
