@@ -6,7 +6,10 @@ importing torch (chunked_losses.py holds the losses themselves).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from entrenar_cli.config.schema import TrainingSettings
 
 # Default memory budget for one chunk's fp32 [rows x vocab] temporaries (training.logits_budget_mb).
 DEFAULT_BUDGET_BYTES = 256 * 2**20
@@ -38,13 +41,13 @@ def chunked_logits_bytes(n_tokens: int, vocab: int, hidden: int, budget_bytes: i
     return chunk + n_tokens * (4 * 2 * hidden + (4 * teacher_hidden if kd else 0))
 
 
-def logits_budget(training: Any) -> int | None:
+def logits_budget(training: TrainingSettings) -> int | None:
     """Bytes for one chunk of logit temporaries from training settings; None: materialise logits."""
-    if not getattr(training, "chunked_logits", True):
+    if not training.chunked_logits:
         return None
-    return int(getattr(training, "logits_budget_mb", DEFAULT_BUDGET_BYTES // 2**20)) * 2**20
+    return int(training.logits_budget_mb) * 2**20
 
 
-def fused_losses(training: Any) -> bool:
+def fused_losses(training: TrainingSettings) -> bool:
     """Whether the chunked losses' element-wise work runs as compiled fused kernels (training.fused_losses)."""
-    return logits_budget(training) is not None and bool(getattr(training, "fused_losses", False))
+    return logits_budget(training) is not None and training.fused_losses

@@ -23,17 +23,20 @@ device: the same code as N devices).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from entrenar_cli.errors import ConfigError
 
+if TYPE_CHECKING:
+    from entrenar_cli.config.schema import TrainingSettings
+
 SHARDED_ATTR = "_entrenar_sharded"  # objectives read it: a sharded model's head weight is a shard outside forward
 
 
-def requested_sharding(settings: Any) -> str:
+def requested_sharding(settings: TrainingSettings) -> str:
     """``fsdp`` or ``none``: ``training.sharding``, or an ``accelerate launch`` with an FSDP config.
 
     DeepSpeed is refused here, before any model is loaded, with one message (exit 2): entrenar does
@@ -44,14 +47,14 @@ def requested_sharding(settings: Any) -> str:
             "DeepSpeed (ZeRO) is not supported: this accelerate config asks for it",
             hint="use an accelerate config with distributed_type: FSDP, or `torchrun` with training.sharding: fsdp",
         )
-    if getattr(settings, "sharding", "none") == "fsdp" or _env_flag("ACCELERATE_USE_FSDP"):
+    if settings.sharding == "fsdp" or _env_flag("ACCELERATE_USE_FSDP"):
         return "fsdp"
     return "none"
 
 
-def check_supported(settings: Any, model: nn.Module) -> None:
+def check_supported(settings: TrainingSettings, model: nn.Module) -> None:
     """Refuse, with one message each, what sharded training does not do (exit 2)."""
-    if getattr(settings, "compile", False):
+    if settings.compile:
         raise ConfigError("training.compile is not supported with training.sharding: fsdp",
                           hint="set training.compile: false (or training.sharding: none)")
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False) or any(
@@ -238,7 +241,7 @@ def _world() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def mark_planned(settings: Any, *models: nn.Module) -> None:
+def mark_planned(settings: TrainingSettings, *models: nn.Module) -> None:
     """Mark the models of a run that will be sharded, so the plan's logit-path line already says
     that the chunked losses step aside (the engine marks them again when it shards)."""
     if requested_sharding(settings) == "fsdp":
@@ -247,7 +250,7 @@ def mark_planned(settings: Any, *models: nn.Module) -> None:
                 setattr(m, SHARDED_ATTR, True)
 
 
-def planned_logits_budget(settings: Any) -> int | None:
+def planned_logits_budget(settings: TrainingSettings) -> int | None:
     """The chunk budget the memory plan counts: None (materialised logits) when the run will be sharded,
     since a sharded model's head weight is a shard outside forward and the chunked losses step aside."""
     from entrenar_cli.chunking import logits_budget
@@ -266,11 +269,11 @@ def plan_memory_bytes(est: Any, settings: Any, student_config: dict[str, Any],
 
     teacher_layout = layout_for(teacher_config) if teacher_config is not None else None
     return per_device_estimate(est, layout_for(student_config), devices=_world(), sharding="fsdp",
-                               gradient_accumulation=getattr(settings, "gradient_accumulation", 1),
+                               gradient_accumulation=settings.gradient_accumulation,
                                teacher_layout=teacher_layout).per_device_bytes
 
 
-def memory_note(settings: Any) -> str:
+def memory_note(settings: TrainingSettings) -> str:
     """What the plan's memory figure covers: '' or ' per device (N processes, FSDP)'."""
     if requested_sharding(settings) != "fsdp":
         return ""
