@@ -332,6 +332,8 @@ def test_lora_student_saves_adapter_and_merged_model(tiny_llama: Path, stdlib_te
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.config.num_hidden_layers == 2
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert summary["outputs"] == {"model_dir": str(out), "adapter_dir": str(out / "adapter")}
+    assert json.loads((out / "summary.json").read_text())["outputs"] == summary["outputs"]
 
 
 def test_estimator_failure_warns_at_run_time_and_raises_in_strict_mode(monkeypatch: pytest.MonkeyPatch,

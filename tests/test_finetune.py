@@ -53,6 +53,7 @@ def test_lora_trains_adapter_reloads_and_merge_matches(trained_tiny_llama: Path,
     assert summary["student"]["perplexity"] < 0.99 * summary["student_before"]["perplexity"], summary
     assert 0 < summary["student"]["trainable_parameters"] < summary["student"]["parameters"] / 5
     assert summary["peak_mem_bytes"] > 0
+    assert summary["outputs"] == {"adapter_dir": str(out / "adapter"), "model_dir": str(out)}
     ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
     adapter_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained_tiny_llama), out / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(out)

@@ -544,16 +544,20 @@ def _fmt_eval(m: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def save_outputs(student: Any, su: DistillSetup, out: Path) -> None:
-    """The student as a Hugging Face directory at ``out`` (merged when LoRA), plus the adapter."""
+def save_outputs(student: Any, su: DistillSetup, out: Path) -> dict[str, str]:
+    """The student as a Hugging Face directory at ``out`` (merged when LoRA), plus the adapter; returns
+    what was written (the summary's ``outputs``)."""
     from entrenar_cli import models
 
+    outputs: dict[str, str] = {}
     if su.cfg.student.lora is not None:
         record_written(out, "adapter")
         models.save_adapter_dir(student, out / "adapter")
+        outputs["adapter_dir"] = str(out / "adapter")
         if not su.cfg.output.merge:
-            return
+            return outputs
     models.save_model_files(student, su.tokenizer, out, before_rename=lambda names: record_written(out, *names))
+    return {"model_dir": str(out), **outputs}
 
 
 def _summary(p: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
