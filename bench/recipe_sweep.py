@@ -259,18 +259,6 @@ def read_run(directory: Path) -> dict[str, Any] | None:
             "steps": last_step, "elapsed_s": elapsed}
 
 
-def _interp_log(curve: dict[int, float], step: float) -> float | None:
-    """log-linear interpolation of a perplexity curve; None outside the measured range."""
-    pts = sorted(curve.items())
-    for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
-        if s0 <= step <= s1:
-            w = (step - s0) / (s1 - s0)
-            return math.exp((1 - w) * math.log(p0) + w * math.log(p1))
-    if pts and abs(step - pts[-1][0]) < 1e-9:
-        return pts[-1][1]
-    return None
-
-
 def cmd_table(root: Path) -> None:
     rows: dict[str, Any] = {}
     for name, (desc, extra) in BASELINES.items():
@@ -286,14 +274,15 @@ def cmd_table(root: Path) -> None:
         if b:
             r["ratio"] = {s: p / b["perplexity"][s] for s, p in r["perplexity"].items() if s in b["perplexity"]}
             if r["s_per_step"] and b["s_per_step"]:
+                from entrenar_cli.report.compare import interpolate_perplexity
+
+                speed = r["s_per_step"] / b["s_per_step"]
                 # equal wall time: where the CE-only run was when this run reached each evaluation
-                r["ce_at_equal_time"] = {s: _interp_log(b["perplexity"], s * r["s_per_step"] / b["s_per_step"])
-                                         for s in r["perplexity"]}
+                r["ce_at_equal_time"] = {s: interpolate_perplexity(b["perplexity"], s * speed) for s in r["perplexity"]}
                 # this run at the time CE-only needed for its last step
                 b_last = max(b["perplexity"])
-                r["at_ce_end_time"] = {"step": b_last * b["s_per_step"] / r["s_per_step"],
-                                       "perplexity": _interp_log(r["perplexity"],
-                                                                 b_last * b["s_per_step"] / r["s_per_step"]),
+                r["at_ce_end_time"] = {"step": b_last / speed,
+                                       "perplexity": interpolate_perplexity(r["perplexity"], b_last / speed),
                                        "ce_perplexity": b["perplexity"][b_last]}
         rows[name] = r
     (root / "sweep.json").write_text(json.dumps(rows, indent=1))

@@ -20,6 +20,16 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def process_rank() -> int:
+    """This process's rank in a torchrun / accelerate launch (0 in a plain run)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE; a plain run is one)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
 def info(message: str) -> None:
     """A progress or status line for humans (stderr), from the main process only."""
     if is_main_process():

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from entrenar_cli.console import world_size
 from entrenar_cli.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -237,10 +238,6 @@ def unshard_classes(model: nn.Module) -> None:
 # ---- the plan (pipelines call these before the engine exists) -------------------------------------
 
 
-def _world() -> int:
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-
-
 def mark_planned(settings: TrainingSettings, *models: nn.Module) -> None:
     """Mark the models of a run that will be sharded, so the plan's logit-path line already says
     that the chunked losses step aside (the engine marks them again when it shards)."""
@@ -268,7 +265,7 @@ def plan_memory_bytes(est: Any, settings: Any, student_config: dict[str, Any],
     from entrenar_cli.estimate.training import per_device_estimate
 
     teacher_layout = layout_for(teacher_config) if teacher_config is not None else None
-    return per_device_estimate(est, layout_for(student_config), devices=_world(), sharding="fsdp",
+    return per_device_estimate(est, layout_for(student_config), devices=world_size(), sharding="fsdp",
                                gradient_accumulation=settings.gradient_accumulation,
                                teacher_layout=teacher_layout).per_device_bytes
 
@@ -277,5 +274,5 @@ def memory_note(settings: TrainingSettings) -> str:
     """What the plan's memory figure covers: '' or ' per device (N processes, FSDP)'."""
     if requested_sharding(settings) != "fsdp":
         return ""
-    n = _world()
+    n = world_size()
     return f" per device ({n} process{'es' if n != 1 else ''}, FSDP)"

@@ -80,7 +80,9 @@ def _verify(directory: Path) -> None:
 
 
 def _distributed() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    from entrenar_cli.console import process_rank, world_size
+
+    return process_rank(), world_size()
 
 
 def _barrier(world: int) -> None:

@@ -475,11 +475,6 @@ def precision_and_device(settings: Any) -> tuple[Any, Any]:
     return choose_precision(settings.mixed_precision, device), device
 
 
-def world_size() -> int:
-    """Processes of this launch (torchrun / accelerate launch set WORLD_SIZE; a plain run is one)."""
-    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
-
-
 def masked_lm_tokens(task: str, tokenizer: Any) -> dict[str, int] | None:
     """The special ids masked-LM batches need (cls/sep are never masked), or None for other tasks."""
     if task != "masked" or tokenizer.mask_token_id is None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from entrenar_cli.config.schema import DistillationYamlConfig
-from entrenar_cli.console import info, warn
+from entrenar_cli.console import info, process_rank, warn, world_size
 from entrenar_cli.errors import ConfigError
 from entrenar_cli.pipeline.common import (
     RESULT_FIELDS,
@@ -28,7 +28,6 @@ from entrenar_cli.pipeline.common import (
     record_written,
     run_training,
     start_event,
-    world_size,
     write_summary,
 )
 
@@ -313,7 +312,6 @@ def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
     used when its manifest matches this run's inputs and refused, naming what differs, when not.
     Blocks it lacks are filled by this run. Reads of the next batches run ahead in a background thread.
     """
-    import os
 
     settings = su.cfg.distillation.teacher_cache
     if not settings.enabled:
@@ -328,10 +326,8 @@ def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
     directory = spec["dir"] or out / "teacher-cache"
     cache = TeacherCache(directory, spec["manifest"], spec["format"], spec["hidden"], spec["attention"])
     tr = su.cfg.training
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    cache.expect(training_schedule(len(su.train_blocks), tr.seed, tr.batch_size, tr.gradient_accumulation, world,
-                                   rank, tr.epochs), pin_memory=su.device.type == "cuda")
+    cache.expect(training_schedule(len(su.train_blocks), tr.seed, tr.batch_size, tr.gradient_accumulation,
+                                   world_size(), process_rank(), tr.epochs), pin_memory=su.device.type == "cuda")
     per_token = teacher_cache_bytes_per_token(su, spec)
     info(f"teacher cache {directory}: {len(cache)} of {len(su.train_blocks)} blocks cached, "
          f"{per_token['total']:,} bytes/token (logits {per_token['logits']}, hidden states "
@@ -503,7 +499,7 @@ class DistillRun(TrainingRun):
             return
         record_written(self.out, "baseline")
         summary["baseline"] = run_baseline(self.su, self.baseline_init, self.out / "baseline", self.opts,
-                                           kd_metrics=self.out / "metrics.jsonl")
+                                           kd_dir=self.out)
         from entrenar_cli.report import read_baseline, read_run
         from entrenar_cli.report.compare import equal_wall_time
 
@@ -602,10 +598,10 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 
 def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions, *,
-                 kd_metrics: Path | None = None) -> dict[str, Any]:
+                 kd_dir: Path | None = None) -> dict[str, Any]:
     """The same student, initialisation, data and steps, trained with plain cross-entropy.
 
-    With ``kd_metrics`` (the KD run's metrics.jsonl) each evaluation also prints the KD student's
+    With ``kd_dir`` (the KD run's output directory) each evaluation also prints the KD student's
     perplexity at the same step and the ratio, so the crossing point shows while it runs.
     """
     from entrenar_cli.chunking import logits_budget
@@ -619,7 +615,7 @@ def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions, *,
     objective = LMObjective(su.task, su.vocab, masked_lm_tokens(su.task, su.tokenizer), logits_budget(su.cfg.training))
     engine = Engine(su.cfg.training, init, objective, su.train_blocks, su.eval_blocks,
                     EngineOptions(output_dir=out, run="baseline", progress=opts.progress,
-                                  on_eval=lambda r: _baseline_eval_line(r, kd_metrics)),
+                                  on_eval=lambda r: _baseline_eval_line(r, kd_dir)),
                     pad_token_id=su.tokenizer.pad_token_id or 0, precision=su.precision)
     result = engine.train()
     model = engine.accelerator.unwrap_model(engine.model).eval()
@@ -637,19 +633,16 @@ def run_baseline(su: DistillSetup, init: Any, out: Path, opts: RunOptions, *,
     return {k: metrics[k] for k in ("perplexity", "agreement", "kl_to_teacher", "embedding_cosine") if k in metrics}
 
 
-def _baseline_eval_line(record: dict[str, Any], kd_metrics: Path | None) -> None:
+def _baseline_eval_line(record: dict[str, Any], kd_dir: Path | None) -> None:
     """``baseline eval step 100: ppl 51.5; KD student at step 100: ppl 46.9 (0.91x)``."""
-    import json
-
     line = f"baseline eval step {record['step']}: ppl {record.get('perplexity', float('nan')):.4g}"
-    kd = None
-    if kd_metrics is not None and kd_metrics.is_file():
-        for text in kd_metrics.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(text) if text.strip() else {}
-            if rec.get("event") == "eval" and rec.get("step") == record["step"] and "perplexity" in rec:
-                kd = rec["perplexity"]  # the last one wins (a resumed run may repeat a step)
-    if kd is not None and record.get("perplexity"):
-        line += f"; KD student at step {record['step']}: ppl {kd:.4g} ({kd / record['perplexity']:.2f}x)"
+    if kd_dir is not None and record.get("perplexity"):
+        from entrenar_cli.report import read_run
+
+        steps, perplexities = read_run(kd_dir).series("perplexity", "eval")
+        kd = dict(zip(steps, perplexities)).get(float(record["step"]))
+        if kd is not None:
+            line += f"; KD student at step {record['step']}: ppl {kd:.4g} ({kd / record['perplexity']:.2f}x)"
     info(line)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from entrenar_cli.config.schema import FineTuneYamlConfig
-from entrenar_cli.console import info
+from entrenar_cli.console import info, world_size
 from entrenar_cli.errors import ConfigError, DataError, EntrenarError
 from entrenar_cli.pipeline.common import (
     RESULT_FIELDS,
@@ -24,7 +24,6 @@ from entrenar_cli.pipeline.common import (
     precision_and_device,
     record_written,
     run_training,
-    world_size,
 )
 
 

@@ -86,7 +86,7 @@ def equal_wall_time(run: RunLog, baseline: RunLog) -> dict[str, float] | None:
     at = []
     for steps, times, curve in sides:
         step = _interp(times, steps, seconds)
-        ppl = _interp_log(curve, step)
+        ppl = interpolate_perplexity(curve, step)
         if ppl is None:
             return None
         at.append((step, ppl))
@@ -116,7 +116,7 @@ def _interp(xs: list[float], ys: list[float], x: float) -> float:
     return ys[-1]
 
 
-def _interp_log(curve: dict[float, float], step: float) -> float | None:
+def interpolate_perplexity(curve: dict[float, float], step: float) -> float | None:
     """Log-linear interpolation of a perplexity curve; None outside the evaluated steps."""
     pts = sorted(curve.items())
     for (s0, p0), (s1, p1) in zip(pts, pts[1:]):
