@@ -88,6 +88,9 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
     "a05-imp-jsd": ("JSD (beta 0.5), T=1, alpha=0.5, layers by importance",
                     ["distillation.alpha=0.5", "distillation.kd_loss=jsd",
                      "student.init_from_teacher.strategy=importance", "training.learning_rate=5e-4"], "ce-imp"),
+    "a05-imp-lr2e3": ("forward KL, T=1, alpha=0.5, lr 2e-3, student layers by importance",
+                      ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance",
+                       "training.learning_rate=2e-3"], "ce-imp-lr2e3"),
 }
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
@@ -96,6 +99,8 @@ BASELINES: dict[str, tuple[str, list[str]]] = {
                ["training.learning_rate=5e-4", "student.init_from_teacher.strategy=importance"]),
     "ce-imp-lr1e3": ("CE-only, lr 1e-3, student layers by importance",
                      ["training.learning_rate=1e-3", "student.init_from_teacher.strategy=importance"]),
+    "ce-imp-lr2e3": ("CE-only, lr 2e-3, student layers by importance",
+                     ["training.learning_rate=2e-3", "student.init_from_teacher.strategy=importance"]),
 }
 
 
