@@ -116,9 +116,9 @@ class CrossTokenizerObjective(TeacherObjective):
     @staticmethod
     def _aligned_index(views: list[TeacherView], labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(row, student position, teacher position) of every aligned pair whose student label counts."""
-        rows = np.concatenate([np.full(len(v.s_pos), r) for r, v in enumerate(views)]) if views else np.zeros(0)
-        s_pos = np.concatenate([v.s_pos for v in views]) if views else np.zeros(0)
-        t_pos = np.concatenate([v.t_pos for v in views]) if views else np.zeros(0)
+        rows = np.concatenate([np.full(len(v.s_pred), r) for r, v in enumerate(views)]) if views else np.zeros(0)
+        s_pos = np.concatenate([v.s_pred for v in views]) if views else np.zeros(0)
+        t_pos = np.concatenate([v.t_pred for v in views]) if views else np.zeros(0)
         dev = labels.device
         r, s, t = (torch.as_tensor(x.astype(np.int64), device=dev) for x in (rows, s_pos, t_pos))
         keep = labels[r, s] != IGNORE_INDEX

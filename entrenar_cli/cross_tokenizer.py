@@ -233,6 +233,41 @@ def align(s_ends: np.ndarray, t_ends: np.ndarray, *, s_starts: np.ndarray | None
     return s_b[si], t_b[ti]
 
 
+def align_predictions(s_starts: np.ndarray, s_ends: np.ndarray, t_ends: np.ndarray, n_student: int,
+                      n_teacher: int) -> tuple[np.ndarray, np.ndarray]:
+    """(student positions, teacher positions) whose *next* tokens cover the same text.
+
+    The logit losses compare what the two models predict next, so the pairing is by the predicted
+    token, not by the text read so far: student position ``s`` pairs with teacher position ``t``
+    when tokens ``s + 1`` and ``t + 1`` end at the same character and the teacher has read what
+    the student has read plus at most the text the student's tokenizer skips before its next token
+    (``end(s) <= end(t) <= start(s + 1)``). Pairing by "read the same text" alone (:func:`align`)
+    would, wherever the student's tokenizer drops whitespace (WordPiece; newlines and indentation
+    in code), set the teacher's prediction of a newline against the student's prediction of the
+    next word: targets the student cannot express. Where the next tokens do not cover the same text
+    (``pr`` + ``##int`` against ``print``) nothing is paired.
+
+    The arrays hold ``n_student`` / ``n_teacher`` input positions followed by at least one more
+    token where the text continues (its offsets say what the last input position predicts).
+    """
+    if n_student == 0 or n_teacher == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    s = np.arange(min(n_student, len(s_ends) - 1))
+    nxt = s + 1
+    e = s_ends[nxt]
+    ok = e > s_starts[nxt]  # the next token has text (not a zero-width special token)
+    last = np.ones(len(s), dtype=bool)  # ... and is the last token ending at its character
+    after = nxt + 1 < len(s_ends)
+    last[after] = s_ends[nxt[after] + 1] != e[after]
+    j = np.searchsorted(t_ends, e, side="right") - 1  # the teacher's last token ending there
+    t = j - 1
+    ok &= last & (j >= 1) & (t < n_teacher)
+    j, t = np.clip(j, 0, len(t_ends) - 1), np.clip(t, 0, len(t_ends) - 1)
+    ok &= (t_ends[j] == e) & (t_ends[t] < e)
+    ok &= (s_ends[s] <= t_ends[t]) & (t_ends[t] <= s_starts[nxt])
+    return s[ok].astype(np.int64), t[ok].astype(np.int64)
+
+
 def span_ids(positions: np.ndarray, length: int) -> np.ndarray:
     """Per token, the aligned span it belongs to (-1 for none): span k covers the tokens after aligned
     position k-1 up to and including position k (k >= 1; the text before the first aligned boundary
@@ -260,8 +295,10 @@ class TeacherView:
     """The teacher's tokens for one student block and the aligned positions within it."""
 
     ids: np.ndarray  # teacher input ids
-    s_pos: np.ndarray  # aligned student input positions
-    t_pos: np.ndarray  # aligned teacher input positions
+    s_pos: np.ndarray  # student input positions that have read the same text as ...
+    t_pos: np.ndarray  # ... these teacher positions (span boundaries for hidden states, attention)
+    s_pred: np.ndarray  # student input positions whose next token covers the same text as ...
+    t_pred: np.ndarray  # ... these teacher positions' next token (the logit losses' pairs)
 
 
 @dataclass
@@ -301,7 +338,9 @@ class CrossBlockDataset(BlockDataset):
             t_hi = min(t_hi, t_lo + self.teacher_max_positions)
         t_hi = max(t_hi, t_lo)
         s_pos, t_pos = align(s.ends[lo:hi], t.ends[t_lo:t_hi], s_starts=s.starts[lo:hi], t_starts=t.starts[t_lo:t_hi])
-        return TeacherView(np.asarray(t.ids[t_lo:t_hi], dtype=np.int64), s_pos, t_pos)
+        s_pred, t_pred = align_predictions(s.starts[lo:hi + 1], s.ends[lo:hi + 1], t.ends[t_lo:t_hi + 1],
+                                           hi - lo, t_hi - t_lo)
+        return TeacherView(np.asarray(t.ids[t_lo:t_hi], dtype=np.int64), s_pos, t_pos, s_pred, t_pred)
 
 
 def _row_key(ids: np.ndarray) -> bytes:
@@ -458,7 +497,7 @@ def vocab_doctor(teacher_tok: Any, student_tok: Any, shared: SharedVocab, blocks
     aligned = total = t_tokens = t_shared = 0
     for i in picks:
         view = blocks.teacher_view(i)
-        aligned += len(view.s_pos)
+        aligned += len(view.s_pred)
         total += blocks.length
         t_tokens += len(view.ids)
         t_shared += int((shared.teacher_key[np.clip(view.ids, 0, len(shared.teacher_key) - 1)] >= 0).sum())
