@@ -177,6 +177,7 @@ class SharedVocab:
     teacher_key: np.ndarray  # int64 [V_teacher]
     student_key: np.ndarray  # int64 [V_student]
     keys: list[str]
+    prefix_mapped: int = 0  # teacher tokens keyed by the first student token of their text
 
     @property
     def size(self) -> int:
@@ -188,6 +189,11 @@ def shared_vocab(teacher_tok: Any, student_tok: Any) -> SharedVocab:
 
     Normalisation is the union of what either tokenizer does to text: an uncased student cannot
     tell ``The`` from ``the``, so both of the teacher's spellings feed the one student token.
+
+    A teacher token whose string the student lacks (``print(``, ``Ġself.``) is keyed by the first
+    token of the student's own tokenization of that string (``print``, ``self``): predicting it is,
+    for the student, predicting that first piece next, so its probability belongs there. Only
+    tokens with no text the student keeps (whitespace it drops, byte fragments) stay unkeyed.
     """
     lt, at = _lowercases(teacher_tok)
     ls, as_ = _lowercases(student_tok)
@@ -197,8 +203,21 @@ def shared_vocab(teacher_tok: Any, student_tok: Any) -> SharedVocab:
     common = sorted({k for k in t_keys if k is not None} & {k for k in s_keys if k is not None})
     index = {k: i for i, k in enumerate(common)}
     t_map = np.asarray([index.get(k, -1) if k is not None else -1 for k in t_keys], dtype=np.int64)
+    unkeyed = [i for i, k in enumerate(t_keys) if k is not None and t_map[i] < 0 and k.strip()]
+    prefix_mapped = 0
+    if unkeyed:
+        firsts = student_tok([t_keys[i] for i in unkeyed], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(unkeyed, firsts):
+            key = s_keys[ids[0]] if ids and ids[0] < len(s_keys) else None
+            if key is None or key == EOS_KEY:
+                continue
+            if key not in index:
+                index[key] = len(common)
+                common.append(key)
+            t_map[i] = index[key]
+            prefix_mapped += 1
     s_map = np.asarray([index.get(k, -1) if k is not None else -1 for k in s_keys], dtype=np.int64)
-    return SharedVocab(t_map, s_map, common)
+    return SharedVocab(t_map, s_map, common, prefix_mapped)
 
 
 # ---- alignment -----------------------------------------------------------------------------------
@@ -507,6 +526,7 @@ def vocab_doctor(teacher_tok: Any, student_tok: Any, shared: SharedVocab, blocks
         "teacher_vocab": len(teacher_tok), "student_vocab": len(student_tok),
         "teacher_scheme": _scheme(teacher_tok)[0], "student_scheme": _scheme(student_tok)[0],
         "shared_keys": shared.size, "teacher_tokens_shared": t_with, "student_tokens_shared": s_with,
+        "teacher_tokens_by_prefix": shared.prefix_mapped,
         "teacher_overlap": t_with / max(1, len(teacher_tok)), "student_overlap": s_with / max(1, len(student_tok)),
         "sample_blocks": len(picks), "coverage": aligned / max(1, total),
         "teacher_tokens_per_student_token": t_tokens / max(1, total), "shared_mass": t_shared / max(1, t_tokens),
@@ -531,7 +551,8 @@ def doctor_lines(doctor: dict[str, Any], method: str, why: str) -> list[str]:
         f"vocab doctor: teacher {d['teacher_vocab']:,} tokens ({d['teacher_scheme']}), student "
         f"{d['student_vocab']:,} ({d['student_scheme']}); {d['shared_keys']:,} token strings shared after "
         f"normalising markers ({100 * d['teacher_overlap']:.1f}% of the teacher's vocabulary, "
-        f"{100 * d['student_overlap']:.1f}% of the student's)",
+        f"{100 * d['student_overlap']:.1f}% of the student's; {d.get('teacher_tokens_by_prefix', 0):,} teacher "
+        "tokens counted by the student's first token of their text)",
         f"vocab doctor: on {d['sample_blocks']} training blocks {100 * d['coverage']:.1f}% of student positions align "
         f"with a teacher position; {100 * d['shared_mass']:.1f}% of teacher tokens have a student counterpart; "
         f"{d['teacher_tokens_per_student_token']:.2f} teacher tokens per student token",
@@ -592,14 +613,19 @@ def uld_distance(p_student: Any, p_teacher: Any, top_k: int = 0) -> Any:
 
 def hybrid_distance(s_logp: Any, t_logp: Any, s_key: Any, t_key: Any, n_keys: int, uld_weight: float = 1.0,
                     top_k: int = 0) -> Any:
-    """GOLD-style per row: forward KL between the two distributions coarsened to the keys both
-    vocabularies share plus one bucket for everything else, and ``uld_weight`` x ULD between the two
-    sides' unshared tokens (the shape inside that bucket).
+    """GOLD-style per row: forward KL from the teacher's distribution over the keys the student can
+    express (its mass on unkeyed tokens set aside and the rest renormalised) to the student's
+    distribution coarsened to the same keys plus one bucket for its unkeyed tokens; plus
+    ``uld_weight`` x the teacher's unkeyed mass x ULD between the *shapes* of the two sides'
+    unkeyed tokens (each normalised to sum 1).
 
     ``s_key``/``t_key``: per token id the shared key's index or -1 (:class:`SharedVocab`). Mass is
     summed per key on each side (an uncased student's ``the`` against the teacher's ``the`` + ``The``).
-    The "other" bucket keeps the KL a divergence (>= 0, 0 only when the coarsened distributions agree):
-    KL on the shared mass alone would reward the student for piling all mass onto shared tokens.
+    The teacher's unkeyed mass is what the student cannot say (whitespace its tokenizer drops, byte
+    fragments): as a target it would teach the student to put that much mass on its own unkeyed
+    tokens ([UNK], unused ids), probability the right next token then lacks. The student's bucket
+    stays in the KL, so the divergence is >= 0 and 0 only when the student puts nothing there and
+    matches the teacher's conditional.
     """
     import torch
 
@@ -607,14 +633,18 @@ def hybrid_distance(s_logp: Any, t_logp: Any, s_key: Any, t_key: Any, n_keys: in
     p_s, p_t = s_logp.exp(), t_logp.exp()
     s_in, t_in = s_key >= 0, t_key >= 0
     q_s = p_s.new_zeros((n, n_keys + 1)).index_add_(1, s_key[s_in], p_s[:, s_in])
-    q_t = p_t.new_zeros((n, n_keys + 1)).index_add_(1, t_key[t_in], p_t[:, t_in])
+    q_t = p_t.new_zeros((n, n_keys)).index_add_(1, t_key[t_in], p_t[:, t_in])
     rest_s, rest_t = p_s[:, ~s_in], p_t[:, ~t_in]
     q_s[:, n_keys] = rest_s.sum(-1)
-    q_t[:, n_keys] = rest_t.sum(-1)
-    kl = torch.where(q_t > 0, q_t * (torch.log(q_t.clamp_min(1e-30)) - torch.log(q_s.clamp_min(1e-30))),
+    q_t = q_t / q_t.sum(-1, keepdim=True).clamp_min(1e-30)
+    kl = torch.where(q_t > 0, q_t * (torch.log(q_t.clamp_min(1e-30)) - torch.log(q_s[:, :n_keys].clamp_min(1e-30))),
                      torch.zeros_like(q_t)).sum(-1)
-    rest = uld_distance(rest_s, rest_t, top_k) if uld_weight > 0 else kl.new_zeros(n)
-    return kl + uld_weight * rest
+    if uld_weight <= 0 or rest_s.shape[-1] == 0 or rest_t.shape[-1] == 0:
+        return kl
+    t_rest = rest_t.sum(-1)
+    shape_s = rest_s / rest_s.sum(-1, keepdim=True).clamp_min(1e-30)
+    shape_t = rest_t / t_rest.unsqueeze(-1).clamp_min(1e-30)
+    return kl + uld_weight * t_rest * uld_distance(shape_s, shape_t, top_k)
 
 
 def cross_divergence(s_logits: Any, t_logits: Any, method: str, shared: Any, temperature: float = 1.0,

@@ -126,6 +126,49 @@ def test_byte_split_characters_align_only_when_whole(smol_tok: Any, minilm_tok: 
     assert all(j == len(t_en) - 1 or t_en[j + 1] > t_en[j] for j in t_pos)
 
 
+@pytest.mark.parametrize("text", TRICKY_TEXTS)
+def test_prediction_pairs_predict_the_same_text(smol_tok: Any, minilm_tok: Any, text: str) -> None:
+    """The logit losses' pairs: both next tokens spell the same text (the teacher's may carry the
+    whitespace the WordPiece student skips), and the teacher has read the student's text plus only
+    skipped whitespace. Against a brute-force search over every (student, teacher) position pair."""
+    s_ids, s_st, s_en = ct.encode_with_offsets(minilm_tok, text)
+    t_ids, t_st, t_en = ct.encode_with_offsets(smol_tok, text)
+    s_pos, t_pos = ct.align_predictions(s_st, s_en, t_en, len(s_ids) - 1, len(t_ids) - 1)
+    pairs = set(zip(s_pos.tolist(), t_pos.tolist()))
+    expected = set()
+    for i in range(len(s_ids) - 1):
+        for j in range(len(t_ids) - 1):
+            s_next, t_next = text[s_st[i + 1]: s_en[i + 1]], text[t_en[j]: t_en[j + 1]]
+            between = text[s_en[i]: t_en[j]] if t_en[j] >= s_en[i] else None
+            if (between is not None and between.strip() == "" and t_en[j] <= s_st[i + 1]
+                    and s_en[i + 1] == t_en[j + 1] and t_en[j] < t_en[j + 1] and s_en[i + 1] > s_st[i + 1]
+                    and (i + 2 >= len(s_en) or s_en[i + 2] > s_en[i + 1])
+                    and (j + 2 >= len(t_en) or t_en[j + 2] > t_en[j + 1])):
+                assert t_next.strip() == s_next or t_next.strip().lower() == s_next.lower() or not s_next.isascii()
+                expected.add((i, j))
+    assert pairs == expected
+    assert len(pairs) >= 0.4 * (len(s_ids) - 1)
+    # never paired with a teacher position that predicts whitespace the student never sees
+    assert all(text[t_en[j]: t_en[j + 1]].strip() for j in t_pos)
+
+
+def test_prediction_pairs_skip_newlines_the_student_never_sees() -> None:
+    """'a\n    b': a WordPiece student reads a then b; a byte-level teacher reads a, newline, indentation,
+    b. The student at 'a' predicts 'b', which the teacher predicts after the indentation, not after 'a'."""
+    text = "a\n    b c"
+    s_st, s_en = np.array([0, 6, 8]), np.array([1, 7, 9])  # a, b, c (whitespace dropped)
+    t_st, t_en = np.array([0, 1, 2, 5, 7]), np.array([1, 2, 5, 7, 9])  # a, \n, "   ", " b", " c"
+    assert text[t_st[3]: t_en[3]] == " b"
+    s_pos, t_pos = ct.align_predictions(s_st, s_en, t_en, 2, 4)
+    assert s_pos.tolist() == [0, 1] and t_pos.tolist() == [2, 3]
+    # reading the same text would pair student 'a' with teacher 'a', whose next token is the newline
+    assert ct.align(s_en, t_en)[1].tolist()[0] == 0 and text[t_en[0]: t_en[1]] == "\n"
+    # the student's "pr" + "##int" against the teacher's "print": no pair predicts "pr"
+    s_st, s_en = np.array([0, 1, 3]), np.array([1, 3, 6])  # x, pr, int
+    t_st, t_en = np.array([0, 1]), np.array([1, 6])  # x, print
+    assert ct.align_predictions(s_st, s_en, t_en, 2, 1)[0].tolist() == []
+
+
 def test_span_ids_cover_between_boundaries() -> None:
     assert ct.span_ids(np.array([1, 3, 4]), 6).tolist() == [-1, -1, 0, 0, 1, -1]
     assert ct.span_ids(np.array([0]), 3).tolist() == [-1, -1, -1]
@@ -156,6 +199,14 @@ def test_shared_vocab_maps_cased_teacher_onto_uncased_student(smol_tok: Any, min
     assert key >= 0 and key == t[smol_tok.convert_tokens_to_ids("the")]
     assert key == sv.student_key[minilm_tok.convert_tokens_to_ids("the")]
     assert 10_000 < sv.size < 30_522
+    # a teacher token the student lacks counts for the student's first piece of its text; whitespace
+    # the WordPiece student drops stays unkeyed
+    merged = next(tok for tok in ("():", "()", "):") if smol_tok.convert_tokens_to_ids(tok) != smol_tok.unk_token_id)
+    assert minilm_tok.convert_tokens_to_ids(merged) == minilm_tok.unk_token_id  # not a WordPiece token
+    first = minilm_tok(merged, add_special_tokens=False)["input_ids"][0]
+    assert t[smol_tok.convert_tokens_to_ids(merged)] == sv.student_key[first] >= 0
+    assert t[smol_tok.convert_tokens_to_ids("Ċ")] == -1
+    assert sv.prefix_mapped > 1000 and (t >= 0).mean() > 0.95
     assert len(sv.teacher_key) == len(smol_tok) and len(sv.student_key) == len(minilm_tok)
 
 
@@ -224,16 +275,26 @@ def test_hybrid_against_hand_computed_value() -> None:
     p_t = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
     p_s = torch.tensor([[0.5, 0.2, 0.1, 0.2]])
     t_key, s_key = torch.tensor([0, 1, -1, -1]), torch.tensor([0, 1, 1, -1])
-    # coarsened: teacher [.4 .3 | other .3], student [.5 .3 | other .2]
-    kl = 0.4 * math.log(0.4 / 0.5) + 0.3 * math.log(0.3 / 0.3) + 0.3 * math.log(0.3 / 0.2)
-    uld = abs(0.2 - 0.2) + 0.1  # unshared: student [.2], teacher sorted [.2 .1]
+    # the teacher's conditional over keys [.4 .3]/.7; the student coarsened [.5 .3 | its unkeyed .2]
+    kl = (4 / 7) * math.log((4 / 7) / 0.5) + (3 / 7) * math.log((3 / 7) / 0.3)
+    # unkeyed shapes: student [.2] -> [1]; teacher [.2 .1] -> [2/3 1/3]; weighted by the teacher's unkeyed .3
+    uld = 0.3 * (abs(1 - 2 / 3) + 1 / 3)
     got = ct.hybrid_distance(p_s.log(), p_t.log(), s_key, t_key, 2, uld_weight=1.0)
     assert got.item() == pytest.approx(kl + uld, abs=1e-6)
     half = ct.hybrid_distance(p_s.log(), p_t.log(), s_key, t_key, 2, uld_weight=0.5)
     assert half.item() == pytest.approx(kl + 0.5 * uld, abs=1e-6)
-    # identical coarsened distributions and identical unshared shapes: zero
+    # the teacher's unkeyed mass is no target: a student with the teacher's conditional on the keys and
+    # nothing on its own unkeyed token is at zero, even though the teacher put .3 on unkeyed tokens
+    best = torch.tensor([[4 / 7, 3 / 7 - 1e-9, 1e-9, 1e-12]]).clamp_min(1e-12)
+    at_best = ct.hybrid_distance(best.log(), p_t.log(), s_key, t_key, 2, uld_weight=0.0)
+    assert at_best.item() == pytest.approx(0, abs=1e-6)
+    # ... while moving mass into the student's unkeyed bucket costs
+    worse = torch.tensor([[0.4, 0.3, 0.0, 0.3]]).clamp_min(1e-12)
+    assert ct.hybrid_distance(worse.log(), p_t.log(), s_key, t_key, 2, uld_weight=0.0).item() > 0.3
+    # the teacher against itself: the same conditional and unkeyed shape, but .3 of its own mass is in
+    # the bucket the target excludes: KL = log(1 / .7)
     same = ct.hybrid_distance(p_t.log(), p_t.log(), t_key, t_key, 2)
-    assert same.item() == pytest.approx(0.0, abs=1e-7)
+    assert same.item() == pytest.approx(-math.log(0.7), abs=1e-6)
     # temperature: T^2 x the distance of the tempered distributions
     t2 = ct.cross_divergence(p_s.log(), p_t.log(), "gold", (s_key, t_key, 2), temperature=2.0)
     ps2, pt2 = torch.softmax(p_s.log() / 2, -1), torch.softmax(p_t.log() / 2, -1)
@@ -292,6 +353,9 @@ def test_cross_blocks_pair_each_student_block_with_the_teachers_tokens(text_dir:
         assert (t_side.ends[t_lo: t_lo + len(view.ids)] <= char_hi).all()
         assert (s_side.ends[lo + view.s_pos] == t_side.ends[t_lo + view.t_pos]).all()
         assert len(view.s_pos) >= 16  # most positions align on this text
+        # the logit pairs: both next tokens end at the same character
+        assert (s_side.ends[lo + view.s_pred + 1] == t_side.ends[t_lo + view.t_pred + 1]).all()
+        assert len(view.s_pred) >= 12
     # documents are separated by each side's end token, and the two align there
     eos_s = np.nonzero(np.asarray(s_side.ids) == minilm_tok.sep_token_id)[0]
     eos_t = np.nonzero(np.asarray(t_side.ids) == smol_tok.eos_token_id)[0]
