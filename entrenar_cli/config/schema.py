@@ -319,7 +319,8 @@ class CrossTokenizerSettings(Section):
         "auto", description="Logit loss across vocabularies: uld, gold (KL on shared tokens + ULD on the rest), or "
         "auto (gold when most teacher tokens of a data sample have a student counterpart, else uld).",
     )
-    uld_weight: float = Field(1.0, ge=0, le=10, description="gold only: the weight of the ULD term on unshared tokens.")
+    uld_weight: float = Field(1.0, ge=0, le=10, description="gold only: the weight of the ULD term between the "
+                              "shapes of the two sides' unkeyed tokens (scaled by the teacher's mass there).")
     uld_top_k: int = Field(
         256, ge=0, le=2**20,
         description="ULD compares the first k ranks of the sorted probabilities and the mass beyond them as one "
