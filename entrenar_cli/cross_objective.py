@@ -162,7 +162,11 @@ class CrossTokenizerObjective(TeacherObjective):
         if alpha > 0:
             r, s, t = self._aligned_index(views, labels)
             soft = self._soft(s_logits[r, s], t_out.logits[r, t], self.settings.temperature)
-            out.loss = out.loss + alpha * soft
+            # where no teacher position predicts the same text the hard term keeps its full weight
+            # (alpha shifts weight from CE to KD only where there is a KD target)
+            unpaired = terms.hard - torch.nn.functional.cross_entropy(s_logits[r, s].float(), labels[r, s],
+                                                                      reduction="sum")
+            out.loss = out.loss + alpha * unpaired + alpha * soft
             out.per_token["loss_kd"] = soft
             out.counters["aligned_tokens"] = torch.tensor(float(r.numel()), device=device)
         seq_terms = self.progressive is not None or self.attention is not None or self.embedding

@@ -423,6 +423,18 @@ def test_objective_all_terms_finite_gradients(tmp_path: Path, text_dir: Path, sm
             metrics = obj.evaluate(student, [collate([held.block(0)])])
         assert math.isfinite(metrics["perplexity"]) and 0 <= metrics["agreement"] <= 1
         assert 0 < metrics["alignment_coverage"] <= 1 and f"{method}_to_teacher" in metrics
+    # the logit term alone: alpha moves weight from CE to KD only at paired positions; elsewhere CE keeps 1
+    settings = DistillationSettings(alpha=0.5, cross_tokenizer={"method": "gold"})
+    obj = ct.build_objective(ct.CrossSetup(smol_tok, ct.shared_vocab(smol_tok, minilm_tok), train, held, {}, "gold",
+                                           ""), teacher, student, settings)
+    with torch.no_grad():
+        terms = obj.loss_terms(student, batch).named()
+        r, s, _ = obj._aligned_index(obj._views(batch), batch["labels"])
+        logits = student(input_ids=batch["input_ids"]).logits.float()
+        paired_ce = torch.nn.functional.cross_entropy(logits[r, s], batch["labels"][r, s], reduction="sum")
+    assert 0 < r.numel() < 64
+    expected = terms["loss_ce"] - 0.5 * paired_ce + 0.5 * terms["loss_kd"]
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def _yaml(teacher: Path, student: Path, data: Path, out: Path, extra: str = "") -> str:
