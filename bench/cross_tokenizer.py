@@ -26,7 +26,7 @@ student:
   model_id: {student}
 distillation:
   temperature: 1.0
-  alpha: 0.5
+  alpha: {alpha}
   cross_tokenizer:
     method: {method}
 training:
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--methods", default="gold,uld")
     ap.add_argument("--out", default="runs/cross-bench")
+    ap.add_argument("--alpha", type=float, default=0.5)
     args = ap.parse_args()
     out = Path(args.out)
     student = make_student(out / "student")
@@ -84,7 +85,7 @@ def main() -> None:
     for i, method in enumerate(args.methods.split(",")):
         run_dir = out / method
         cfg = out / f"{method}.yaml"
-        cfg.write_text(CONFIG.format(student=student, method=method, steps=args.steps,
+        cfg.write_text(CONFIG.format(student=student, method=method, steps=args.steps, alpha=args.alpha,
                                      eval_steps=max(1, args.steps // 2), out=run_dir))
         cmd = [sys.executable, "-m", "entrenar_cli", "distill", str(cfg), "--overwrite"]
         if i == 0:
@@ -96,7 +97,11 @@ def main() -> None:
         if "baseline" in summary:
             baseline = summary["baseline"]["perplexity"]
         kd = summary["student"]["perplexity"]
-        print(json.dumps({"method": method, "steps": summary["steps"], "kd_perplexity": kd,
+        evals = {m: [(r["step"], round(r["perplexity"], 2)) for r in map(json.loads, (d / "metrics.jsonl").open())
+                     if r.get("event") == "eval"]
+                 for m, d in (("kd", run_dir), ("ce_only", run_dir / "baseline")) if (d / "metrics.jsonl").is_file()}
+        print(json.dumps({"method": method, "alpha": args.alpha, "evals": evals, "steps": summary["steps"],
+                          "kd_perplexity": kd,
                           "ce_only_perplexity": baseline, "ratio": kd / baseline if baseline else None,
                           "agreement": summary["student"].get("agreement"),
                           "before": summary.get("student_before", {}).get("perplexity"),
