@@ -91,6 +91,17 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
     "a05-imp-lr2e3": ("forward KL, T=1, alpha=0.5, lr 2e-3, student layers by importance",
                       ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance",
                        "training.learning_rate=2e-3"], "ce-imp-lr2e3"),
+    "a05-imp-lr1e3-t2": ("forward KL, T=2, alpha=0.5, lr 1e-3, layers by importance",
+                         ["distillation.alpha=0.5", "distillation.temperature=2.0",
+                          "student.init_from_teacher.strategy=importance", "training.learning_rate=1e-3"], "ce-imp-lr1e3"),
+    "a05-imp-lr1e3-rkl": ("reverse KL, T=1, alpha=0.5, lr 1e-3, layers by importance",
+                          ["distillation.alpha=0.5", "distillation.kd_loss=reverse_kl",
+                           "student.init_from_teacher.strategy=importance", "training.learning_rate=1e-3"],
+                          "ce-imp-lr1e3"),
+    "a05-imp-lr1e3-jsd": ("JSD (beta 0.5), T=1, alpha=0.5, lr 1e-3, layers by importance",
+                          ["distillation.alpha=0.5", "distillation.kd_loss=jsd",
+                           "student.init_from_teacher.strategy=importance", "training.learning_rate=1e-3"],
+                          "ce-imp-lr1e3"),
 }
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
