@@ -478,6 +478,40 @@ def test_end_to_end_distill_across_tokenizers(tmp_path: Path, text_dir: Path, sm
     assert tok("Hello world")["input_ids"][0] == tok.cls_token_id
 
 
+def test_python_api_distills_across_tokenizers(tmp_path: Path, text_dir: Path, smol_tok_dir: Path,
+                                               minilm_tok_dir: Path) -> None:
+    """The Python API (hf_pipeline) with a student of another tokenizer: train() reads the dataset's text
+    with both tokenizers, the loss has a logit term on paired positions, evaluate() reports the
+    cross-tokenizer metrics, save() carries the student's tokenizer; step(batch) is refused, saying why."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from entrenar_cli.errors import UsageError
+    from entrenar_cli.hf_pipeline import Dataset, DatasetOptions, DistillationTrainer, SafeTensorsTeacher, TrainerConfig
+
+    teacher_dir = tiny_causal(tmp_path / "teacher", smol_tok_dir, hidden=64, seed=1)
+    student_dir = tiny_causal(tmp_path / "student", minilm_tok_dir, hidden=32)
+    teacher = SafeTensorsTeacher.from_path(teacher_dir)
+    config = (TrainerConfig(str(teacher_dir), str(student_dir)).alpha(0.5).learning_rate(1e-3).batch_size(2)
+              .max_steps(3).mixed_precision("fp32").num_threads(1).output_dir(str(tmp_path / "run")))
+    trainer = DistillationTrainer(config, teacher)
+    assert trainer.cross_tokenizer and trainer.vocab == 30522
+    data = Dataset.from_path(text_dir, teacher, DatasetOptions().max_length(32).eval_fraction(0.2))
+    with pytest.raises(UsageError, match="tokenizer differs"):
+        trainer.step(next(data.batches(2)))
+    result = trainer.train(data)
+    assert result["status"] == "completed" and result["steps"] == 3
+    assert trainer.cross is not None and trainer.cross.method in ("gold", "uld")
+    assert trainer.state().step == 3 and all(math.isfinite(x) for x in trainer.state().losses)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logs if r.get("event") == "train"]
+    assert train and all(math.isfinite(r["loss_kd"]) and r["loss_kd"] > 0 and r["aligned_tokens"] > 0 for r in train)
+    metrics = trainer.evaluate(data)
+    assert math.isfinite(metrics["perplexity"]) and 0 < metrics["alignment_coverage"] <= 1
+    out = trainer.save(tmp_path / "saved")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == AutoModelForCausalLM.from_pretrained(str(out)).config.vocab_size == 30522
+
+
 def test_teacher_cache_refused_across_tokenizers(tmp_path: Path, text_dir: Path, smol_tok_dir: Path,
                                                  minilm_tok_dir: Path) -> None:
     teacher = tiny_causal(tmp_path / "teacher", smol_tok_dir, hidden=32)

@@ -157,10 +157,13 @@ def _tokenizer_of(tokenizer: Any) -> Any:
 class Dataset(New):
     """Packed token blocks (training part, plus the held-out part when there is one)."""
 
-    def __init__(self, blocks: BlockDataset, heldout: BlockDataset | None = None, *, pad_token_id: int = 0):
+    def __init__(self, blocks: BlockDataset, heldout: BlockDataset | None = None, *, pad_token_id: int = 0,
+                 settings: DatasetSettings | None = None):
         self.blocks = blocks
         self.heldout = heldout if heldout is not None else _empty_like(blocks)
         self.pad_token_id = pad_token_id
+        # where the text came from: a trainer whose student has another tokenizer reads it again with both
+        self.settings = settings
 
     @classmethod
     @python_errors
@@ -199,8 +202,8 @@ class Dataset(New):
             if len(held) == 0:
                 raise DataError(f"the held-out part of {settings.path} is empty",
                                 hint="raise DatasetOptions.eval_fraction(...) or add documents")
-            return cls(held, None, pad_token_id=pad)
-        return cls(train, held, pad_token_id=pad)
+            return cls(held, None, pad_token_id=pad, settings=settings)
+        return cls(train, held, pad_token_id=pad, settings=settings)
 
     @classmethod
     def mock(cls, num_examples: int, seq_len: int, *, vocab_size: int = 1000, seed: int = 0) -> "Dataset":

@@ -105,15 +105,20 @@ class DistillationTrainer:
             raise UsageError(f"DistillationTrainer(config, teacher): teacher is a {type(teacher).__name__}",
                              hint="pass SafeTensorsTeacher.from_path(dir), a transformers model, or None")
         self.teacher = teacher
+        self.student_tokenizer: Any = None
         self.student, self.student_layers = self._build_student()
+        # the student reads text with its own tokenizer: the objective pairs the two by characters
+        # and needs the data to build (cross_tokenizer.CrossSetup, made per dataset)
+        self.cross_tokenizer = self._tokenizers_differ()
         self.vocab = self._check()
         from entrenar_cli.chunking import logits_budget
         from entrenar_cli.objectives import DistillObjective
 
-        self.objective = DistillObjective(
+        self.objective: Any = None if self.cross_tokenizer else DistillObjective(
             teacher.model, self.config.distillation, task=teacher.task, vocab=self.vocab,
             student_dim=models.hidden_size(self.student), teacher_dim=models.hidden_size(teacher.model),
             mlm_info=self._mlm_info(), logits_budget=logits_budget(self.config.training))
+        self.cross: Any = None  # the CrossSetup of the dataset the engine trains on
         self._engine: Any = None
         self._engine_key: Any = None
         self._state = TrainerState()
@@ -172,14 +177,54 @@ class DistillationTrainer:
                               f"from the teacher's {models.hidden_size(teacher)}",
                               hint="use a student of the teacher's width, "
                               "e.g. TrainerConfig(teacher, student=<layers>)")
-        student_tok = getattr(self, "student_tokenizer", None)
-        if self.teacher.tokenizer is not None:
+        student_tok = self.student_tokenizer
+        if self.cross_tokenizer:
+            from entrenar_cli import cross_tokenizer
+
+            cross_tokenizer.check_settings(self.config, self.teacher.task, models.task_of(student.config.to_dict()))
+            cross_tokenizer.require_offsets(self.teacher.tokenizer, "teacher")
+            cross_tokenizer.require_offsets(student_tok, "student")
+            vocab = models.vocab_of(student)
+        elif self.teacher.tokenizer is not None:
             vocab, _ = models.check_vocab(self.teacher.tokenizer, student_tok, teacher, student)
         else:
             vocab = min(models.vocab_of(teacher), models.vocab_of(student))
         if self.config.student.lora is not None:
             self.student = models.apply_lora(self.student, self.config.student.lora)
         return vocab
+
+    def _tokenizers_differ(self) -> bool:
+        if self.teacher.tokenizer is None or self.student_tokenizer is None:
+            return False
+        from entrenar_cli.cross_tokenizer import tokenizers_differ
+
+        return tokenizers_differ(self.teacher.tokenizer, self.student_tokenizer)
+
+    def _cross_blocks(self, dataset: Dataset) -> tuple[Any, Any]:
+        """Across tokenizers: the dataset's text read with both tokenizers, and the objective for it."""
+        from entrenar_cli import cross_tokenizer
+
+        if dataset.settings is None:
+            raise UsageError("the student's tokenizer differs from the teacher's, so the training text must be read "
+                             "with both: this Dataset was built from token ids (mock, or blocks you made)",
+                             hint="use Dataset.from_path(path, teacher) or Dataset.from_hub(name, teacher)")
+        max_pos = getattr(self.teacher.model.config, "max_position_embeddings", None)
+        cfg = SimpleNamespace(dataset=dataset.settings, distillation=self.config.distillation)
+        self.cross = cross_tokenizer.prepare(cfg, self.teacher.tokenizer, self.student_tokenizer,
+                                             task=self.teacher.task,
+                                             student_task=models.task_of(self.student.config.to_dict()),
+                                             teacher_max_positions=max_pos)
+        self.objective = cross_tokenizer.build_objective(self.cross, self.teacher.model, self.student,
+                                                         self.config.distillation)
+        return self.cross.train_blocks, self.cross.eval_blocks
+
+    def _refuse_across_tokenizers(self, call: str) -> None:
+        if self.cross_tokenizer:
+            raise UsageError(f"{call} is not available when the student's tokenizer differs from the teacher's: "
+                             "a batch holds one tokenizer's ids, and the pairing with the teacher's tokens is made "
+                             "from the text",
+                             hint="train with train(Dataset.from_path(path, teacher)); evaluate(dataset) and "
+                             "save(dir) work as usual")
 
     def _mlm_info(self) -> dict[str, int] | None:
         from entrenar_cli.pipeline.common import masked_lm_tokens
@@ -197,7 +242,10 @@ class DistillationTrainer:
         if self._engine is not None and self._engine_key == key:
             return self._engine
         tr = self.config.training
-        if dataset is not None:
+        if dataset is not None and self.cross_tokenizer:
+            train_blocks, eval_blocks = self._cross_blocks(dataset)
+            pad = self.student_tokenizer.pad_token_id or 0
+        elif dataset is not None:
             train_blocks, eval_blocks, pad = dataset.blocks, dataset.heldout, dataset.pad_token_id
         else:
             if not tr.max_steps:
@@ -239,6 +287,7 @@ class DistillationTrainer:
     def step(self, batch: Any) -> float:
         """One optimizer step on ``batch`` (from ``Dataset.batches``, or a dict of input_ids/labels
         tensors; a list of batches is one step with gradient accumulation). Returns the step's loss."""
+        self._refuse_across_tokenizers("step(batch)")
         batches = batch if isinstance(batch, list) else [batch]
         prepared = [self._as_batch(b) for b in batches]
         dataset = getattr(batches[0], "dataset", None)
@@ -287,18 +336,24 @@ class DistillationTrainer:
         if ds is None:
             raise UsageError("train() without a dataset: this TrainerConfig has no dataset section",
                              hint="pass train(Dataset.from_path(path, teacher))")
-        from entrenar_cli.data import load_blocks
+        import numpy as np
+
+        from entrenar_cli.data import BlockDataset, TokenStore, load_blocks
 
         tok = self.teacher.tokenizer
+        if self.cross_tokenizer:  # read with both tokenizers when the engine is built
+            return Dataset(BlockDataset(TokenStore(np.zeros(0, dtype=np.uint32), None, 0), ds.max_length), settings=ds)
         train, held = load_blocks(ds, tok, causal=self.teacher.task == "causal")
-        return Dataset(train, held, pad_token_id=tok.pad_token_id or 0)
+        return Dataset(train, held, pad_token_id=tok.pad_token_id or 0, settings=ds)
 
     @python_errors
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
         """Held-out metrics (perplexity, KL to teacher, agreement, ...) on ``dataset``'s held-out part
         (its blocks, when it has no held-out part)."""
-        blocks = dataset.heldout if len(dataset.heldout) else dataset.blocks
         engine = self._engine_for(dataset)
+        if self.cross_tokenizer:  # the engine's held-out blocks are this dataset's, read with both tokenizers
+            return engine.evaluate()
+        blocks = dataset.heldout if len(dataset.heldout) else dataset.blocks
         saved = engine.eval_blocks, engine._eval_cache
         engine.eval_blocks, engine._eval_cache = blocks, None
         try:
@@ -318,6 +373,7 @@ class DistillationTrainer:
         or attention transfer is on. Returns the mean loss (per token, plus per-sequence terms) as a
         tensor that carries gradients to ``student_logits``.
         """
+        self._refuse_across_tokenizers("compute_loss(...)")
         dist = self.config.distillation
         if dist.progressive.enabled and student_hiddens is None:
             raise UsageError("compute_loss: progressive distillation is on, so student_hiddens is needed",
@@ -364,7 +420,8 @@ class DistillationTrainer:
 
     @python_errors
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the student as a Hugging Face model directory (SafeTensors, with the teacher's tokenizer).
+        """Write the student as a Hugging Face model directory (SafeTensors, with the teacher's tokenizer, or
+        the student's own when the two differ).
 
         With LoRA, the adapter goes to ``directory/adapter`` and the merged model to ``directory``.
         A non-empty directory is refused unless ``overwrite`` (files of the same names are replaced).
@@ -382,7 +439,8 @@ class DistillationTrainer:
                 schema_default(OutputSettings, "merge")
             if not merge:
                 return out
-        models.save_model_files(student, self.teacher.tokenizer, out)
+        models.save_model_files(student, self.student_tokenizer if self.cross_tokenizer else self.teacher.tokenizer,
+                                out)
         return out
 
     def __repr__(self) -> str:
