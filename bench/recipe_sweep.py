@@ -103,6 +103,14 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
                           ["distillation.alpha=0.5", "distillation.kd_loss=jsd",
                            "student.init_from_teacher.strategy=importance", "training.learning_rate=1e-3"],
                           "ce-imp-lr1e3"),
+    "a05-imp-lr1e3-s7": ("the demo recipe (forward KL, T=1, alpha=0.5, lr 1e-3, importance layers), seed 7",
+                         ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance",
+                          "training.learning_rate=1e-3", "training.seed=7"], "a0-imp-lr1e3-s7"),
+    # CE-only as a stoppable candidate: alpha 0 trains on the hard labels alone (same gradients as the
+    # CE-only baseline; the teacher still runs, so its step times are not CE-only's)
+    "a0-imp-lr1e3-s7": ("CE-only through alpha 0, lr 1e-3, importance layers, seed 7",
+                        ["distillation.alpha=0.0", "student.init_from_teacher.strategy=importance",
+                         "training.learning_rate=1e-3", "training.seed=7"], "ce-imp-lr1e3"),
 }
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
