@@ -223,17 +223,20 @@ def shared_vocab(teacher_tok: Any, student_tok: Any) -> SharedVocab:
 # ---- alignment -----------------------------------------------------------------------------------
 
 
-def boundaries(ends: np.ndarray) -> np.ndarray:
-    """Positions whose token is the *last* one ending at its character.
+def _last_at_character(ends: np.ndarray) -> np.ndarray:
+    """Per token, whether it is the *last* one ending at its character (bool mask).
 
     Byte-level tokenizers split one character over several tokens that all end at that character;
     only after the last of them has the model read the whole character.
     """
-    if len(ends) == 0:
-        return np.zeros(0, dtype=np.int64)
     last = np.ones(len(ends), dtype=bool)
     last[:-1] = ends[1:] != ends[:-1]
-    return np.nonzero(last)[0]
+    return last
+
+
+def boundaries(ends: np.ndarray) -> np.ndarray:
+    """Positions whose token is the last one ending at its character (:func:`_last_at_character`)."""
+    return np.nonzero(_last_at_character(ends))[0]
 
 
 def align(s_ends: np.ndarray, t_ends: np.ndarray, *, s_starts: np.ndarray | None = None,
@@ -275,9 +278,7 @@ def align_predictions(s_starts: np.ndarray, s_ends: np.ndarray, t_ends: np.ndarr
     nxt = s + 1
     e = s_ends[nxt]
     ok = e > s_starts[nxt]  # the next token has text (not a zero-width special token)
-    last = np.ones(len(s), dtype=bool)  # ... and is the last token ending at its character
-    after = nxt + 1 < len(s_ends)
-    last[after] = s_ends[nxt[after] + 1] != e[after]
+    last = _last_at_character(s_ends)[nxt]  # ... and is the last token ending at its character
     j = np.searchsorted(t_ends, e, side="right") - 1  # the teacher's last token ending there
     t = j - 1
     ok &= last & (j >= 1) & (t < n_teacher)

@@ -247,6 +247,11 @@ class Dataset(New):
         return f"Dataset({len(self.blocks)} blocks of {self.blocks.length} tokens, {len(self.heldout)} held out)"
 
 
+def empty_blocks(length: int, causal: bool = True, cls_id: int | None = None,
+                 sep_id: int | None = None) -> BlockDataset:
+    """No blocks of ``length`` tokens: a missing held-out part, or data the trainer reads later."""
+    return BlockDataset(TokenStore(np.zeros(0, dtype=np.uint32), None, 0), length, causal, cls_id, sep_id)
+
+
 def _empty_like(blocks: BlockDataset) -> BlockDataset:
-    return BlockDataset(TokenStore(np.zeros(0, dtype=np.uint32), None, 0), blocks.length, blocks.causal,
-                        blocks.cls_id, blocks.sep_id)
+    return empty_blocks(blocks.length, blocks.causal, blocks.cls_id, blocks.sep_id)

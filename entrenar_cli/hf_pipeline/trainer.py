@@ -28,7 +28,7 @@ from entrenar_cli.config.schema import OutputSettings
 from entrenar_cli.errors import ConfigError, TrainingError, UsageError
 from entrenar_cli.hf_pipeline._api import as_tensor, python_errors, schema_default
 from entrenar_cli.hf_pipeline.config import TrainerConfig
-from entrenar_cli.hf_pipeline.dataset import Dataset
+from entrenar_cli.hf_pipeline.dataset import Dataset, empty_blocks
 from entrenar_cli.hf_pipeline.teacher import SafeTensorsTeacher, TeacherModel
 
 
@@ -255,11 +255,7 @@ class DistillationTrainer:
             per_step = tr.batch_size * tr.gradient_accumulation
             train_blocks = _CallerBatches(tr.max_steps * per_step, batch_len or 1)
             train_blocks.causal = self.teacher.task == "causal"
-            import numpy as np
-
-            from entrenar_cli.data import BlockDataset, TokenStore
-
-            eval_blocks = BlockDataset(TokenStore(np.zeros(0, dtype=np.uint32), None, 0), batch_len or 1)
+            eval_blocks = empty_blocks(batch_len or 1)
             pad = 0
         out = self.config.output
         out_dir = Path(out.dir) if out is not None else Path(tempfile.mkdtemp(prefix="entrenar-trainer-"))
@@ -336,13 +332,11 @@ class DistillationTrainer:
         if ds is None:
             raise UsageError("train() without a dataset: this TrainerConfig has no dataset section",
                              hint="pass train(Dataset.from_path(path, teacher))")
-        import numpy as np
-
-        from entrenar_cli.data import BlockDataset, TokenStore, load_blocks
+        from entrenar_cli.data import load_blocks
 
         tok = self.teacher.tokenizer
         if self.cross_tokenizer:  # read with both tokenizers when the engine is built
-            return Dataset(BlockDataset(TokenStore(np.zeros(0, dtype=np.uint32), None, 0), ds.max_length), settings=ds)
+            return Dataset(empty_blocks(ds.max_length), settings=ds)
         train, held = load_blocks(ds, tok, causal=self.teacher.task == "causal")
         return Dataset(train, held, pad_token_id=tok.pad_token_id or 0, settings=ds)
 

@@ -312,7 +312,6 @@ def open_teacher_cache(su: DistillSetup, out: Path) -> Any:
     used when its manifest matches this run's inputs and refused, naming what differs, when not.
     Blocks it lacks are filled by this run. Reads of the next batches run ahead in a background thread.
     """
-
     settings = su.cfg.distillation.teacher_cache
     if not settings.enabled:
         return None
