@@ -64,7 +64,7 @@ def _with(path: str, value: str) -> str:
 RULES = [
     ("distillation.temperature", ["0.01", "20"], ["0", "-1", "20.5"]),
     ("distillation.alpha", ["0", "1", "0.7"], ["-0.1", "1.1"]),
-    ("distillation.progressive.weight", ["0", "1"], ["-0.01", "1.01"]),
+    ("distillation.progressive.weight", ["0", "1", "10"], ["-0.01", "10.5"]),
     ("distillation.attention.weight", ["0", "1"], ["-0.01", "1.5"]),
     ("training.epochs", ["1"], ["0", "-3"]),
     ("training.batch_size", ["1", "65536"], ["0", "65537"]),
@@ -92,10 +92,12 @@ def test_validation_rule_both_sides(key: str, good: list[str], bad: list[str]) -
         assert "t.yaml" in str(info.value) or "--set" in str(info.value)
 
 
-def test_layer_mapping_required_when_progressive_enabled() -> None:
+def test_layer_mapping_defaults_when_left_out_and_is_never_empty() -> None:
     text = MINIMAL + "distillation:\n  progressive:\n    enabled: true\n"
+    cfg = validate_text(text, DistillationYamlConfig, "t.yaml")
+    assert cfg.distillation.progressive.enabled and cfg.distillation.progressive.layer_mapping is None
     with pytest.raises(ConfigError, match="layer_mapping must not be empty"):
-        validate_text(text, DistillationYamlConfig, "t.yaml")
+        validate_text(text + "    layer_mapping: []\n", DistillationYamlConfig, "t.yaml")
     ok = MINIMAL + "distillation:\n  progressive:\n    enabled: false\n"
     assert not validate_text(ok, DistillationYamlConfig, "t.yaml").distillation.progressive.enabled
 

@@ -149,6 +149,28 @@ def test_same_seed_same_curve_and_attention_transfer(tiny_llama: Path, stdlib_te
     assert all(attn > 0 for _, attn in curves[0])
 
 
+def test_progressive_default_maps_each_block_to_its_source(tiny_llama: Path, stdlib_text: Path,
+                                                            tmp_path: Path) -> None:
+    """Without layer_mapping, each student block is matched to the teacher block it was copied from,
+    and attention transfer follows the same pairs; the hidden term is trained (finite, positive)."""
+    from entrenar_cli.pipeline.distill import run, setup
+
+    extra = "distillation:\n  progressive:\n    enabled: true\n    loss: cosine\n    weight: 2.0\n"
+    cfg = distill_config(tiny_llama, stdlib_text, tmp_path / "a", extra)
+    cfg.student.init_from_teacher.layers = [0, 3]  # type: ignore[union-attr]
+    assert cfg.distillation.progressive.layer_mapping is None
+    setup(cfg)
+    assert cfg.distillation.progressive.layer_mapping == [(0, 0), (1, 3)]
+    extra += "  attention:\n    enabled: true\n"
+    cfg = distill_config(tiny_llama, stdlib_text, tmp_path / "b", extra, max_steps=3)
+    run(cfg, RunOptions(progress=False))
+    # init_from_teacher: 2 of 4 layers -> spread keeps the first and last
+    assert cfg.distillation.progressive.layer_mapping == [(0, 0), (1, 3)]
+    assert cfg.distillation.attention.layer_mapping == [(0, 0), (1, 3)]
+    hidden = [m["loss_hidden"] for m in read_metrics(tmp_path / "b") if m["event"] == "train"]
+    assert len(hidden) == 3 and all(0 < h < 2 for h in hidden)
+
+
 def test_chunked_logits_run_equals_materialised_run(tiny_llama: Path, stdlib_text: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """The default (chunked) loss path logs the same curve as materialised logits, and the plan says which ran."""

@@ -233,20 +233,25 @@ class ProgressiveSettings(Section):
     """
 
     enabled: bool = Field(False, description="Turn the hidden-state loss on.")
-    layer_mapping: list[tuple[int, int]] = Field(
-        default_factory=list,
-        description="Pairs [student_layer, teacher_layer], 0-based block indices (-1 = embeddings).",
+    layer_mapping: list[tuple[int, int]] | None = Field(
+        None,
+        description="Pairs [student_layer, teacher_layer], 0-based block indices (-1 = embeddings); default: every "
+        "student block with the teacher block it was copied from (student.init_from_teacher), else the student's "
+        "blocks spread evenly over the teacher's.",
     )
-    weight: float = Field(0.3, ge=0, le=1, description="Weight of the hidden-state term.")
+    weight: float = Field(
+        0.3, ge=0, le=10, description="Weight of the hidden-state term (a per-token distance averaged over pairs)."
+    )
     loss: Literal["mse", "cosine"] = Field(
         "mse", description="Per-token distance: mean squared error, or 1 - cosine similarity (direction only)."
     )
 
     @model_validator(mode="after")
     def _mapping_when_enabled(self) -> "ProgressiveSettings":
-        if self.enabled and not self.layer_mapping:
-            raise ValueError("layer_mapping must not be empty when progressive is enabled")
-        for s, t in self.layer_mapping:
+        if self.enabled and self.layer_mapping == []:
+            raise ValueError("layer_mapping must not be empty when progressive is enabled (leave it out for the "
+                             "default: each student block with its teacher block)")
+        for s, t in self.layer_mapping or []:
             if s < -1 or t < -1:
                 raise ValueError("layer indices must be >= -1 (-1 is the embedding output)")
             if s >= MAX_LAYERS or t >= MAX_LAYERS:

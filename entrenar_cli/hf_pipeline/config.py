@@ -129,11 +129,13 @@ class TrainerConfig:
     def num_threads(self, n: int | None) -> "TrainerConfig":
         return self._train("num_threads", n)
 
-    def with_progressive(self, layer_mapping: list[tuple[int, int]], weight: float | None = None) -> "TrainerConfig":
-        """Hidden-state matching over ``(student_layer, teacher_layer)`` block pairs (-1: embeddings)."""
+    def with_progressive(self, layer_mapping: list[tuple[int, int]] | None = None,
+                         weight: float | None = None) -> "TrainerConfig":
+        """Hidden-state matching over ``(student_layer, teacher_layer)`` block pairs (-1: embeddings);
+        None: each student block with the teacher block it was copied from (else spread evenly)."""
         arg = f"TrainerConfig.with_progressive({layer_mapping!r})"
         data = self.distillation.progressive.model_dump()
-        data.update(enabled=True, layer_mapping=[tuple(p) for p in layer_mapping])
+        data.update(enabled=True, layer_mapping=None if layer_mapping is None else [tuple(p) for p in layer_mapping])
         if weight is not None:
             data["weight"] = weight
         self.distillation.progressive = _validated(schema.ProgressiveSettings, data, arg)

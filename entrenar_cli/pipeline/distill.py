@@ -73,21 +73,23 @@ def _check_mapping(name: str, mapping: list[tuple[int, int]], n_student: int, n_
 def resolve_layer_mappings(dist: Any, n_student: int, n_teacher: int, teacher_layers: list[int] | None, *,
                            progressive_name: str = "distillation.progressive.layer_mapping",
                            attention_name: str = "distillation.attention.layer_mapping") -> None:
-    """Check the hidden-state and attention mappings against the layer counts, filling the attention
-    default in place: the progressive pairs (blocks only), else the student's layers over the teacher's
-    (``teacher_layers`` when the student was built from them, else spread evenly). The names are what
-    error messages call the two mappings (YAML keys here, builder calls in the Python API)."""
+    """Check the hidden-state and attention mappings against the layer counts, filling the defaults in
+    place. Progressive: every student block with the teacher block it was copied from
+    (``teacher_layers``, when the student was built from them), else the student's blocks spread evenly
+    over the teacher's. Attention: the progressive pairs (blocks only), else that same default. The
+    names are what error messages call the two mappings (YAML keys here, builder calls in the Python API)."""
     from entrenar_cli import models
 
+    default = list(zip(range(n_student), teacher_layers or models.spread_layers(n_teacher, n_student)))
     if dist.progressive.enabled:
+        if dist.progressive.layer_mapping is None:
+            dist.progressive.layer_mapping = default
         _check_mapping(progressive_name, dist.progressive.layer_mapping, n_student, n_teacher, True)
     if dist.attention.enabled:
         if dist.attention.layer_mapping is None:
-            pairs = ([(s, t) for s, t in dist.progressive.layer_mapping if s >= 0 and t >= 0]
+            pairs = ([(s, t) for s, t in dist.progressive.layer_mapping or [] if s >= 0 and t >= 0]
                      if dist.progressive.enabled else [])
-            if not pairs:
-                pairs = list(zip(range(n_student), teacher_layers or models.spread_layers(n_teacher, n_student)))
-            dist.attention.layer_mapping = pairs
+            dist.attention.layer_mapping = pairs or default
         _check_mapping(attention_name, dist.attention.layer_mapping, n_student, n_teacher, False)
 
 
