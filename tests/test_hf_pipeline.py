@@ -366,3 +366,7 @@ def test_attention_transfer_and_progressive_in_the_step(tiny_llama: Path, small_
     with pytest.raises(UsageError) as err:
         trainer.compute_loss(out.logits, batch.input_ids, batch.labels)
     assert "student_hiddens" in str(err.value)
+    # no mapping: each student block with the teacher block it was copied from, on the trainer's copy only
+    default = _fp32_config(tiny_llama).with_progressive()
+    assert DistillationTrainer(default, teacher).config.distillation.progressive.layer_mapping == [(0, 0), (1, 3)]
+    assert default.distillation.progressive.layer_mapping is None
