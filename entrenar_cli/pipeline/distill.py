@@ -87,7 +87,7 @@ def resolve_layer_mappings(dist: Any, n_student: int, n_teacher: int, teacher_la
         _check_mapping(progressive_name, dist.progressive.layer_mapping, n_student, n_teacher, True)
     if dist.attention.enabled:
         if dist.attention.layer_mapping is None:
-            pairs = ([(s, t) for s, t in dist.progressive.layer_mapping or [] if s >= 0 and t >= 0]
+            pairs = ([(s, t) for s, t in dist.progressive.layer_mapping if s >= 0 and t >= 0]
                      if dist.progressive.enabled else [])
             dist.attention.layer_mapping = pairs or default
         _check_mapping(attention_name, dist.attention.layer_mapping, n_student, n_teacher, False)
