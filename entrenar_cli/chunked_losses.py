@@ -96,10 +96,18 @@ class _Side:
         self.scale = head.scale
         self.cap = head.softcap
 
-    def logits(self, h: Tensor) -> Tensor:
-        """fp32 final logits ``[rows, vocab]`` for hidden rows ``h`` (a fresh tensor, safe to modify)."""
+    @property
+    def plain(self) -> bool:
+        """Final logits are the matmul's output (no scaling or soft-capping)."""
+        return self.scale is None and self.cap is None
+
+    def logits(self, h: Tensor, upcast: bool = True) -> Tensor:
+        """fp32 final logits ``[rows, vocab]`` for hidden rows ``h`` (a fresh tensor, safe to modify);
+        ``upcast=False`` on a :attr:`plain` head: the matmul's output in the compute dtype."""
         h = h.to(self.dtype)
         z = torch.addmm(self.b, h, self.w.t()) if self.b is not None else h @ self.w.t()
+        if not upcast:
+            return z
         z = z.float()
         if self.scale is not None:
             z.mul_(self.scale)
@@ -132,12 +140,16 @@ class _Config:
 
 
 def _chunk(s: Tensor, y: Tensor, teacher: Tensor | tuple[Tensor, Tensor, Tensor] | None, cfg: _Config,
-           need_grad: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+           need_grad: bool, grad_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """(soft sum, hard sum, d(alpha*soft + (1-alpha)*hard)/d(final student logits) or None) for one chunk.
 
-    ``s``: fp32 student logits [c, V] (kept intact); ``teacher``: fp32 teacher logits [c, V] (consumed)
-    or a top-k triple for these rows.
+    ``s``: student logits [c, V] (kept intact); ``teacher``: teacher logits [c, V] (consumed) or a top-k
+    triple for these rows; logits in a lower precision are upcast here, so that a fused kernel reads
+    them once. ``grad_dtype``: the dtype the gradient is returned in (default fp32).
     """
+    s = s.float()
+    if isinstance(teacher, Tensor):
+        teacher = teacher.float()
     T, a = cfg.temperature, cfg.alpha
     lse = torch.logsumexp(s, dim=-1)
     hard = (lse - s.gather(-1, y.unsqueeze(-1)).squeeze(-1)).sum()
@@ -201,6 +213,8 @@ def _chunk(s: Tensor, y: Tensor, teacher: Tensor | tuple[Tensor, Tensor, Tensor]
             g.add_(p1, alpha=1.0 - a)
             del p1
         g.scatter_add_(-1, y.unsqueeze(-1), torch.full((y.numel(), 1), -(1.0 - a), device=g.device))
+    if g is not None and grad_dtype is not None:
+        g = g.to(grad_dtype)
     return soft, hard, g
 
 
@@ -272,6 +286,10 @@ def _run(h_s: Tensor, student: _Side, y: Tensor, h_t: Tensor | None, teacher: _S
          grad_b: bool, fused: bool = False) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The chunk loop: (soft sum, hard sum, dL/dh [n, d] fp32, dL/dW [V, d] fp32, dL/db [V] fp32)."""
     chunk = _chunk_impl(fused)
+    # fused: the logits' upcast and the gradient's downcast join the compiled kernel (plain heads only:
+    # scaling and soft-capping stay outside it, on fp32 logits)
+    raw = fused and student.plain and (teacher is None or teacher.plain)
+    grad_dtype = student.dtype if raw and student.dtype != torch.float32 else None
     n, d = h_s.shape
     vocab = student.w.shape[0]
     dev = h_s.device
@@ -279,20 +297,26 @@ def _run(h_s: Tensor, student: _Side, y: Tensor, h_t: Tensor | None, teacher: _S
     hard = torch.zeros((), dtype=torch.float32, device=dev)
     need_grad = grad_h or grad_w or grad_b
     g_h = torch.empty((n, d), dtype=torch.float32, device=dev) if grad_h else None
-    g_w = torch.zeros((vocab, d), dtype=torch.float32, device=dev) if grad_w else None
     g_b = torch.zeros((vocab,), dtype=torch.float32, device=dev) if grad_b else None
+    # bf16 weight-gradient products accumulate in bf16 (one rounding per chunk, fp32 inside the matmul)
+    # and reach the fp32 sum every _FLUSH_CHUNKS chunks: an fp32 [V x d] upcast and add per chunk cost
+    # more than the product itself on a CPU
+    low = student.dtype == torch.bfloat16
+    g_w = None if not grad_w or low else torch.zeros((vocab, d), dtype=torch.float32, device=dev)
+    g_w_low: Tensor | None = None
+    pending = 0
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
         h_c = h_s[sl]
-        s = student.logits(h_c)
+        s = student.logits(h_c, upcast=not raw)
         t: Tensor | tuple[Tensor, Tensor, Tensor] | None = None
         if cfg.need_soft:
             if topk is not None:
                 t = (topk[0][sl], topk[1][sl], topk[2][sl])
             else:
                 assert teacher is not None and h_t is not None
-                t = teacher.logits(h_t[sl])
-        c_soft, c_hard, g = _call_chunk(chunk, s, y[sl], t, cfg, need_grad)
+                t = teacher.logits(h_t[sl], upcast=not raw)
+        c_soft, c_hard, g = _call_chunk(chunk, s, y[sl], t, cfg, need_grad, grad_dtype)
         del t
         soft += c_soft
         hard += c_hard
@@ -308,12 +332,35 @@ def _run(h_s: Tensor, student: _Side, y: Tensor, h_t: Tensor | None, teacher: _S
                 torch.mm(g_c, student.w, out=g_h[sl])
             else:
                 g_h[sl] = torch.mm(g_c, student.w).float()
-        if g_w is not None:
+        if grad_w and not low:
+            assert g_w is not None
             if g_c.dtype == torch.float32:
                 g_w.addmm_(g_c.t(), h_c.float())
             else:
                 g_w += torch.mm(g_c.t(), h_c.to(student.dtype)).float()
+        elif grad_w:
+            if g_w_low is None:
+                g_w_low = torch.mm(g_c.t(), h_c.to(student.dtype))
+            else:
+                g_w_low.addmm_(g_c.t(), h_c.to(student.dtype))
+            pending += 1
+            if pending == _FLUSH_CHUNKS:
+                g_w = _flush(g_w, g_w_low)
+                g_w_low, pending = None, 0
+    if g_w_low is not None:
+        g_w = _flush(g_w, g_w_low)
+    if grad_w and g_w is None:  # no valid rows
+        g_w = torch.zeros((vocab, d), dtype=torch.float32, device=dev)
     return soft, hard, g_h, g_w, g_b
+
+
+# chunks whose bf16 weight-gradient products are summed in bf16 before joining the fp32 total: at most
+# this many roundings of a partial sum (relative error ~sqrt(8) * 2^-9 typical), the upcast paid 1/8 as often
+_FLUSH_CHUNKS = 8
+
+
+def _flush(total: Tensor | None, part: Tensor) -> Tensor:
+    return part.float() if total is None else total.add_(part)
 
 
 class _ChunkedLogitLoss(torch.autograd.Function):

@@ -448,11 +448,12 @@ class TrainingSettings(Section):
         description="Memory for one chunk's logit temporaries (MiB): the chunk size follows from it and the "
         "vocabulary.",
     )
-    fused_losses: bool = Field(
-        False, description="Compile the chunked logit losses' element-wise work (softmaxes, divergence, gradient) "
-        "into fused kernels with torch.compile (about 2x faster in that part, 10-30 s of compiling once; falls "
-        "back, with a warning, where compiling fails). Off by default: on a 2-core CPU the whole step measured "
-        "no faster (BENCHMARKS.md).",
+    fused_losses: bool | None = Field(
+        None, description="Compile the chunked logit losses' element-wise work (softmaxes, divergence, gradient, "
+        "dtype conversions) into fused kernels with torch.compile (about 2x faster in that part, seconds to tens "
+        "of seconds of compiling once; falls back, with a warning, where compiling fails). Unset (auto): on for "
+        "CPU runs with a vocabulary of 16,384 or more when a C++ compiler is found (a distillation step measured "
+        "1.2x faster on a 2-core CPU, BENCHMARKS.md), off on GPUs (not measured there yet); true or false decides.",
     )
     eval_steps: int | None = Field(
         None, gt=0, le=MAX_STEPS, description="Evaluate every N optimizer steps (and at the end)."
