@@ -130,6 +130,13 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
          "distillation.progressive.layer_mapping=[[0,0],[1,1],[2,20],[3,23],[4,24],[5,29]]",
          "distillation.progressive.loss=cosine", f"distillation.progressive.weight={w}"], "ce-imp-lr1e3")
        for suffix, w in (("", "0.3"), ("-w1", "1.0"), ("-w3", "3.0"))},
+    # session 6: the per-block cosine term (weight 1, the default mapping) on the other two seeds; unfused
+    # loss kernels, as every earlier fp32 run here had (the fused ones reorder fp32 sums)
+    **{f"a05-imp-lr1e3-pkd-w1-s{seed}": (
+        f"the demo recipe + the per-block hidden cosine term (weight 1), seed {seed}",
+        [*DEMO, "distillation.progressive.enabled=true", "distillation.progressive.loss=cosine",
+         "distillation.progressive.weight=1.0", f"training.seed={seed}", "training.fused_losses=false"],
+        f"a0-imp-lr1e3-s{seed}") for seed in (7, 123)},
 }
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
