@@ -325,7 +325,7 @@ def _run(h_s: Tensor, student: _Side, y: Tensor, h_t: Tensor | None, teacher: _S
         g = student.to_raw_grad(g, s)
         del s
         if g_b is not None:
-            g_b += g.sum(0)
+            g_b += g.sum(0, dtype=torch.float32)
         g_c = g if student.dtype == torch.float32 else g.to(student.dtype)
         if g_h is not None:
             if g_c.dtype == torch.float32:

@@ -722,6 +722,23 @@ def test_fused_kernels_compute_the_same_loss_and_gradients() -> None:
     _assert_same(_ours(c, temperature=2.0, alpha=0.5, chunk_tokens=11, fused=True), _reference(c, T=2.0, alpha=0.5))
 
 
+def test_fused_kernels_under_bf16_take_bf16_logits_and_match_the_unfused_path() -> None:
+    """The default on CPUs: under bf16 autocast the fused kernel reads the bf16 logits and writes the bf16
+    gradient itself; same loss and gradients as the unfused path (which upcasts outside), near fp32's."""
+    c = _setup(5, bias=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = _ours(c, temperature=2.0, alpha=0.5, chunk_tokens=11, fused=True)
+        eager = _ours(c, temperature=2.0, alpha=0.5, chunk_tokens=11)
+    ref = _reference(c, T=2.0, alpha=0.5)
+    torch.testing.assert_close(fused[0], eager[0], rtol=1e-5, atol=1e-5)
+    assert float(fused[0].detach()) != float(ref[0])  # the logits really were bf16
+    assert float(fused[0].detach()) == pytest.approx(float(ref[0]), rel=2e-2)
+    for got, same, want in zip(fused[2], eager[2], ref[3]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, same, rtol=1e-2, atol=1e-3)  # one bf16 rounding of the gradient apart
+        assert float(F.cosine_similarity(got.flatten(), want.flatten(), dim=0)) > 0.99
+
+
 def test_fused_kernels_that_cannot_be_built_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     import entrenar_cli.chunked_losses as cl
