@@ -81,11 +81,12 @@ def mask_tokens(batch: dict[str, Tensor], tokenizer_info: dict[str, int], vocab:
 def planned_logit_path(training: Any, models: dict[str, nn.Module]) -> str:
     """What the plan says about logit losses before the first step (the run re-checks on its first batch)."""
     from entrenar_cli.chunking import fused_losses, logits_budget
-    from entrenar_cli.trainer import resolve_device
+    from entrenar_cli.trainer import output_vocab, resolve_device
 
     path = LogitPath(logits_budget(training))
     if path.enabled and path.static_check(models):
-        vocab = max(int(h.weight.shape[0]) for h in path.heads.values())
+        trained = models["student"] if "student" in models else models.get("model")  # what the Engine asks about
+        vocab = output_vocab(trained) if trained is not None else 0
         if fused_losses(training, device_type=resolve_device(training.device).type, vocab=vocab):
             path.fuse()
     return path.note

@@ -103,6 +103,25 @@ def test_gradient_accumulation_equivalence(tiny_llama: Path, stdlib_text: Path, 
         torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_engine_fuses_loss_kernels_when_auto_says_so(tiny_llama: Path, stdlib_text: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """fused_losses unset: the Engine asks with its device and the student's vocabulary (512 here, so the
+    threshold is lowered); the fused step's gradients equal the unfused step's (fp32)."""
+    from entrenar_cli import chunking
+
+    extra = "distillation:\n  alpha: 0.5\n  temperature: 2.0\n"
+    eager = _engine(distill_config(tiny_llama, stdlib_text, tmp_path / "a", extra, mixed_precision="fp32"))
+    assert not eager.objective.logit_path.fused  # 512 < FUSE_MIN_VOCAB
+    monkeypatch.setattr(chunking, "FUSE_MIN_VOCAB", 512)
+    monkeypatch.setattr(chunking, "has_cxx_compiler", lambda: True)
+    fused = _engine(distill_config(tiny_llama, stdlib_text, tmp_path / "b", extra, mixed_precision="fp32"))
+    assert fused.objective.logit_path.fused
+    one, two = _grads(eager), _grads(fused)
+    assert one.keys() == two.keys() and len(one) > 5
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
