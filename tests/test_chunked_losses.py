@@ -737,6 +737,15 @@ def test_fused_kernels_under_bf16_take_bf16_logits_and_match_the_unfused_path() 
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, same, rtol=1e-2, atol=1e-3)  # one bf16 rounding of the gradient apart
         assert float(F.cosine_similarity(got.flatten(), want.flatten(), dim=0)) > 0.99
+    # fine-tuning's chunked CE (no teacher) through the same fused kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce_fused, _ = chunked_ce(c["h_s"], c["head_s"], c["labels"], vocab=VOCAB, chunk_tokens=11, fused=True)
+        ce_eager, _ = chunked_ce(c["h_s"], c["head_s"], c["labels"], vocab=VOCAB, chunk_tokens=11)
+    torch.testing.assert_close(ce_fused, ce_eager, rtol=1e-5, atol=1e-5)
+    g_fused = torch.autograd.grad(ce_fused, _params(c))
+    g_eager = torch.autograd.grad(ce_eager, _params(c))
+    for got, same in zip(g_fused, g_eager):
+        torch.testing.assert_close(got, same, rtol=1e-2, atol=1e-3)
 
 
 def test_fused_kernels_that_cannot_be_built_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch,
