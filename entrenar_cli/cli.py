@@ -72,13 +72,32 @@ def ignore_file_size_signal() -> None:
             pass  # not the main thread
 
 
+def close_process_group() -> None:
+    """After a command that succeeded under torchrun: every rank waits for the others (rank 0 may still be
+    saving), then the process group is shut down. A rank that exits with a gloo group still open can abort
+    in its worker threads' teardown ("terminate called without an active exception", pytorch#190489), and
+    torchrun then kills the other ranks mid-save. Failed commands skip it: a rank stuck in a collective
+    would deadlock the cleanup; torchrun ends those."""
+    if "torch" not in sys.modules:  # --help, validate, catalogue estimates: torch never imported
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 class EntrenarGroup(TyperGroup):
     """Maps library errors to messages and exit codes for every command (also under CliRunner)."""
 
     def invoke(self, ctx: Any) -> Any:
         ignore_file_size_signal()
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            close_process_group()
+            return result
         except (typer.Exit, typer.Abort, typer.TyperException, SystemExit):
             # typer's own control flow (help, usage errors) keeps its behaviour
             raise

@@ -121,3 +121,27 @@ def test_memory_line_says_what_the_peak_counts() -> None:
     assert cpu == "peak RSS 3.00 GiB (whole process; training-memory estimate 1.00 GiB)"
     gpu = memory_phrase({"device": "cuda", "peak_mem_bytes": 2**30, "estimated_mem_bytes": None})
     assert gpu == "peak GPU memory 1.00 GiB"
+
+
+def test_a_command_that_succeeded_closes_the_process_group(repo: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every rank waits for the others and shuts the process group down after a command that
+    succeeded (an open gloo group can abort a rank at exit: pytorch#190489); not after one that failed."""
+    import torch.distributed as dist
+
+    from entrenar_cli import cli
+
+    closed: list[bool] = []
+    monkeypatch.setattr(cli, "close_process_group", lambda: closed.append(True))
+    cfg = str(repo / "examples/configs/distill-design-doc.yaml")
+    assert runner.invoke(app, ["validate", cfg]).exit_code == 0 and closed == [True]
+    assert runner.invoke(app, ["validate", cfg, "--set", "training.epochs=0"]).exit_code == 2 and closed == [True]
+    monkeypatch.undo()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cli.close_process_group()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    cli.close_process_group()  # nothing open: nothing to do
