@@ -483,6 +483,14 @@ def vocab_of(model: nn.Module) -> int:
     return int(emb.weight.shape[0])
 
 
+def output_vocab(model: nn.Module) -> int:
+    """Rows of the model's output head (0 without one): what decides whether fused loss kernels pay."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else 0
+
+
 def check_vocab(teacher_tok: Any, student_tok: Any, teacher: nn.Module, student: nn.Module) -> tuple[int, str | None]:
     """The number of logits both models share, and a note when padding rows are sliced off.
 

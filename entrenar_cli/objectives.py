@@ -81,7 +81,8 @@ def mask_tokens(batch: dict[str, Tensor], tokenizer_info: dict[str, int], vocab:
 def planned_logit_path(training: Any, models: dict[str, nn.Module]) -> str:
     """What the plan says about logit losses before the first step (the run re-checks on its first batch)."""
     from entrenar_cli.chunking import fused_losses, logits_budget
-    from entrenar_cli.trainer import output_vocab, resolve_device
+    from entrenar_cli.models import output_vocab
+    from entrenar_cli.trainer import resolve_device
 
     path = LogitPath(logits_budget(training))
     if path.enabled and path.static_check(models):

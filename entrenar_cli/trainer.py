@@ -81,14 +81,6 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
 
 
-def output_vocab(model: nn.Module) -> int:
-    """Rows of the model's output head (0 without one): what decides whether fused loss kernels pay."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if weight is not None else 0
-
-
 def planned_steps(settings: Any, train_blocks: int, world: int = 1) -> tuple[int, int]:
     """(optimizer steps of the run, steps per epoch): the plan and the Engine count the same way."""
     per_epoch = train_blocks // (settings.batch_size * settings.gradient_accumulation * world)
@@ -210,6 +202,7 @@ class Engine:
         self._trainables = _Trainables(self.model, extra) if self.sharded else None
         self.total_steps = self._plan_steps()
         from entrenar_cli.chunking import fused_losses
+        from entrenar_cli.models import output_vocab
 
         logit_path = getattr(objective, "logit_path", None)
         if logit_path is not None and fused_losses(settings, device_type=self.device.type,

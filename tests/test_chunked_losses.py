@@ -694,7 +694,7 @@ def test_fused_losses_auto_fuses_large_vocabularies_on_a_cpu_with_a_compiler(mon
     from entrenar_cli import chunking
     from entrenar_cli.chunking import FUSE_MIN_VOCAB, fused_losses, has_cxx_compiler
     from entrenar_cli.config.schema import TrainingSettings
-    from entrenar_cli.trainer import output_vocab
+    from entrenar_cli.models import output_vocab
 
     auto = TrainingSettings()
     assert auto.fused_losses is None
