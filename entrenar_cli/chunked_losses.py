@@ -298,12 +298,12 @@ def _run(h_s: Tensor, student: _Side, y: Tensor, h_t: Tensor | None, teacher: _S
     need_grad = grad_h or grad_w or grad_b
     g_h = torch.empty((n, d), dtype=torch.float32, device=dev) if grad_h else None
     g_b = torch.zeros((vocab,), dtype=torch.float32, device=dev) if grad_b else None
-    # bf16 weight-gradient products accumulate in bf16 (one rounding per chunk, fp32 inside the matmul)
-    # and reach the fp32 sum every _FLUSH_CHUNKS chunks: an fp32 [V x d] upcast and add per chunk cost
-    # more than the product itself on a CPU
-    low = student.dtype == torch.bfloat16
-    g_w = None if not grad_w or low else torch.zeros((vocab, d), dtype=torch.float32, device=dev)
-    g_w_low: Tensor | None = None
+    # the weight-gradient products accumulate in the compute dtype and join the fp32 total every
+    # `flush_every` chunks: fp32 never needs to, bf16 every _FLUSH_CHUNKS (an fp32 [V x d] upcast and add
+    # per chunk cost more than the product itself on a CPU), fp16 every chunk (its range)
+    flush_every = {torch.float32: 0, torch.bfloat16: _FLUSH_CHUNKS}.get(student.dtype, 1)
+    g_w: Tensor | None = None
+    part: Tensor | None = None
     pending = 0
     for start in range(0, n, rows):
         sl = slice(start, min(n, start + rows))
@@ -332,23 +332,15 @@ def _run(h_s: Tensor, student: _Side, y: Tensor, h_t: Tensor | None, teacher: _S
                 torch.mm(g_c, student.w, out=g_h[sl])
             else:
                 g_h[sl] = torch.mm(g_c, student.w).float()
-        if grad_w and not low:
-            assert g_w is not None
-            if g_c.dtype == torch.float32:
-                g_w.addmm_(g_c.t(), h_c.float())
-            else:
-                g_w += torch.mm(g_c.t(), h_c.to(student.dtype)).float()
-        elif grad_w:
-            if g_w_low is None:
-                g_w_low = torch.mm(g_c.t(), h_c.to(student.dtype))
-            else:
-                g_w_low.addmm_(g_c.t(), h_c.to(student.dtype))
+        if grad_w:
+            h_w = h_c.to(student.dtype)
+            part = torch.mm(g_c.t(), h_w) if part is None else part.addmm_(g_c.t(), h_w)
             pending += 1
-            if pending == _FLUSH_CHUNKS:
-                g_w = _flush(g_w, g_w_low)
-                g_w_low, pending = None, 0
-    if g_w_low is not None:
-        g_w = _flush(g_w, g_w_low)
+            if pending == flush_every:
+                g_w = _flush(g_w, part)
+                part, pending = None, 0
+    if part is not None:
+        g_w = _flush(g_w, part)
     if grad_w and g_w is None:  # no valid rows
         g_w = torch.zeros((vocab, d), dtype=torch.float32, device=dev)
     return soft, hard, g_h, g_w, g_b
@@ -360,6 +352,7 @@ _FLUSH_CHUNKS = 8
 
 
 def _flush(total: Tensor | None, part: Tensor) -> Tensor:
+    """``total + part`` in fp32 (``part`` itself when it is the first and already fp32: no copy)."""
     return part.float() if total is None else total.add_(part)
 
 
