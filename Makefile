@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - install, then run the real distillation demo (SmolLM2-135M -> 6-layer student)
+#   make demo   - install, then run the real distillation demo (SmolLM2-135M -> 10-layer student)
 #   make test   - install, then run the test suite
 # The virtual environment lives at .venv/ ; re-running is fast when pyproject.toml is unchanged.
 

@@ -23,7 +23,8 @@ CONFIG = "examples/configs/distill-smollm2.yaml"
 
 def run_case(name: str, fraction: float, args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) / name
-    sets = [f"output.dir={out}", f"training.max_steps={args.steps}", f"training.eval_steps={args.eval_steps}",
+    sets = [f"output.dir={out}", "student.init_from_teacher.layers=6",  # the student BENCHMARKS.md measured
+            f"training.max_steps={args.steps}", f"training.eval_steps={args.eval_steps}",
             "training.save_steps=1000000", f"training.num_threads={args.threads}",
             f"training.mixed_precision={args.precision}", f"training.eval_batches={args.eval_batches}",
             f"distillation.on_policy.fraction={fraction}",

@@ -45,6 +45,9 @@ CONFIG = "examples/configs/distill-smollm2.yaml"
 COMMON = [
     "training.max_steps=500", "training.eval_steps=100", "training.eval_batches=15",
     "training.mixed_precision=fp32", "training.save_steps=500", "training.logging_steps=10",
+    # every run before session 7 trained the 6-layer student the demo config had then; the 10-layer
+    # candidates below override it
+    "student.init_from_teacher.layers=6",
 ]
 
 DEMO = ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance", "training.learning_rate=1e-3"]
@@ -137,6 +140,12 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
         [*DEMO, "distillation.progressive.enabled=true", "distillation.progressive.loss=cosine",
          "distillation.progressive.weight=1.0", f"training.seed={seed}", "training.fused_losses=false"],
         f"a0-imp-lr1e3-s{seed}") for seed in (7, 123)},
+    # session 7: the student's depth. 10 of the 30 layers (the demo config since then) on three seeds, one
+    # thread per run so that a KD run and a CE-only run share the two cores
+    **{f"a05-imp-lr1e3-l10-s{seed}": (
+        f"the demo recipe with a 10-layer student, seed {seed}",
+        [*DEMO, "student.init_from_teacher.layers=10", f"training.seed={seed}", "training.num_threads=1",
+         "training.fused_losses=false"], f"ce-imp-lr1e3-l10-s{seed}") for seed in (42, 7, 123)},
 }
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
@@ -145,6 +154,11 @@ BASELINES: dict[str, tuple[str, list[str]]] = {
                ["training.learning_rate=5e-4", "student.init_from_teacher.strategy=importance"]),
     "ce-imp-lr1e3": ("CE-only, lr 1e-3, student layers by importance",
                      ["training.learning_rate=1e-3", "student.init_from_teacher.strategy=importance"]),
+    **{f"ce-imp-lr1e3-l10-s{seed}": (
+        f"CE-only, lr 1e-3, 10 layers by importance, seed {seed}",
+        ["training.learning_rate=1e-3", "student.init_from_teacher.strategy=importance",
+         "student.init_from_teacher.layers=10", f"training.seed={seed}", "training.num_threads=1"])
+       for seed in (42, 7, 123)},
     "ce-imp-lr2e3": ("CE-only, lr 2e-3, student layers by importance",
                      ["training.learning_rate=2e-3", "student.init_from_teacher.strategy=importance"]),
 }
@@ -183,13 +197,14 @@ def cmd_run(root: Path, name: str, stop_at: int | None, resume: bool) -> int:
         return _wait_and_stop(proc, root / name / "metrics.jsonl", stop_at)
 
 
-def cmd_ce(root: Path, name: str) -> int:
+def cmd_ce(root: Path, name: str, stop_at: int | None = None) -> int:
     """The CE-only baseline in a child process (same code path as `distill --baseline`)."""
     root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "bench.recipe_sweep", "--root", str(root), "_ce_child", name]
     print("$ " + " ".join(cmd[1:]), flush=True)
     with open(root / f"{name}.log", "ab") as log:
-        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        return _wait_and_stop(proc, root / name / "metrics.jsonl", stop_at)
 
 
 def _ce_child(root: Path, name: str) -> None:
@@ -373,6 +388,7 @@ def main() -> None:
     r.add_argument("--resume", action="store_true", help="continue a stopped run")
     c = sub.add_parser("ce")
     c.add_argument("name", nargs="?", default="ce", choices=sorted(BASELINES))
+    c.add_argument("--stop-at", type=int, default=None, help="stop after the evaluation at this step")
     cc = sub.add_parser("_ce_child")
     cc.add_argument("name")
     sub.add_parser("table")
@@ -386,7 +402,7 @@ def main() -> None:
     elif a.cmd == "run":
         sys.exit(cmd_run(a.root, a.name, a.stop_at, a.resume))
     elif a.cmd == "ce":
-        sys.exit(cmd_ce(a.root, a.name))
+        sys.exit(cmd_ce(a.root, a.name, a.stop_at))
     elif a.cmd == "_ce_child":
         _ce_child(a.root, a.name)
     elif a.cmd == "probe":
