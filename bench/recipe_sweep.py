@@ -1,7 +1,8 @@
 """Which distillation recipe beats plain cross-entropy training of the same student? (issue 15)
 
 Every run is the demo (`examples/configs/distill-smollm2.yaml`: SmolLM2-135M-Instruct Q4_1 teacher ->
-6-layer student built from its layers, Python stdlib source, batch 4 x 128 tokens, seed 42) trained
+student built from its layers: 6 of them, 10 for the `-l10` runs, as the demo has since session 7; Python
+stdlib source, batch 4 x 128 tokens, seed 42 unless the name says otherwise) trained
 through the real CLI (`python -m entrenar_cli distill ... --set ...`), fp32 pinned, 500 optimizer
 steps planned (one epoch is 490), held-out perplexity on 15 fixed batches every 100 steps. Runs
 write to ``--root`` (default /work/runs/recipe), never into the repository.
@@ -17,6 +18,7 @@ for 500 steps either way, the screened curve is exactly the first part of the fu
 
     python -m bench.recipe_sweep list
     python -m bench.recipe_sweep ce                       # CE-only baseline, lr 5e-4 (ce-lr1e3: lr 1e-3)
+    python -m bench.recipe_sweep ce ce-imp-lr1e3-l10-s7 --stop-at 200   # a baseline stopped early too
     python -m bench.recipe_sweep run a05 --stop-at 200    # screen
     python -m bench.recipe_sweep run a05 --resume         # confirm to 500
     python -m bench.recipe_sweep table                    # JSON + markdown in --root
