@@ -22,6 +22,8 @@ for 500 steps either way, the screened curve is exactly the first part of the fu
     python -m bench.recipe_sweep run a05 --stop-at 200    # screen
     python -m bench.recipe_sweep run a05 --resume         # confirm to 500
     python -m bench.recipe_sweep table                    # JSON + markdown in --root
+    python -m bench.recipe_sweep fill a05-imp-lr1e3-l10-s7-tc && \
+        python -m bench.recipe_sweep run a05-imp-lr1e3-l10-s7-tc   # KD from a teacher cache filled first
 
 Run it from the repository root (or any copy of it: the code imported is the one in the cwd).
 Wall time: the fastest decile of an optimizer step's time over the logging windows that contain no
@@ -144,10 +146,18 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
         f"a0-imp-lr1e3-s{seed}") for seed in (7, 123)},
     # session 7: the student's depth. 10 of the 30 layers (the demo config since then) on three seeds, one
     # thread per run so that a KD run and a CE-only run share the two cores
-    **{f"a05-imp-lr1e3-l10-s{seed}": (
-        f"the demo recipe with a 10-layer student, seed {seed}",
-        [*DEMO, "student.init_from_teacher.layers=10", f"training.seed={seed}", "training.num_threads=1",
-         "training.fused_losses=false"], f"ce-imp-lr1e3-l10-s{seed}") for seed in (42, 7, 123)},
+    **{f"a05-imp-lr1e3-l{layers}-s{seed}": (
+        f"the demo recipe with a {layers}-layer student, seed {seed}",
+        [*DEMO, f"student.init_from_teacher.layers={layers}", f"training.seed={seed}", "training.num_threads=1",
+         "training.fused_losses=false"], f"ce-imp-lr1e3-l{layers}-s{seed}")
+       for layers in (10, 15) for seed in (42, 7, 123)},
+    # session 8: the same recipe trained from a teacher cache filled beforehand (`fill` below), for the
+    # equal-wall-time target with the cache: its loss is the cache's top-32 + 32 tail samples estimate
+    "a05-imp-lr1e3-l10-s7-tc": (
+        "the demo recipe, 10 layers, seed 7, from a pre-filled teacher cache (top-32 + 32 tail samples)",
+        [*DEMO, "student.init_from_teacher.layers=10", "training.seed=7", "training.num_threads=1",
+         "training.fused_losses=false", "distillation.teacher_cache.enabled=true",
+         "distillation.teacher_cache.dir={root}/teacher-cache-l10"], "ce-imp-lr1e3-l10-s7"),
 }
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
@@ -156,18 +166,18 @@ BASELINES: dict[str, tuple[str, list[str]]] = {
                ["training.learning_rate=5e-4", "student.init_from_teacher.strategy=importance"]),
     "ce-imp-lr1e3": ("CE-only, lr 1e-3, student layers by importance",
                      ["training.learning_rate=1e-3", "student.init_from_teacher.strategy=importance"]),
-    **{f"ce-imp-lr1e3-l10-s{seed}": (
-        f"CE-only, lr 1e-3, 10 layers by importance, seed {seed}",
+    **{f"ce-imp-lr1e3-l{layers}-s{seed}": (
+        f"CE-only, lr 1e-3, {layers} layers by importance, seed {seed}",
         ["training.learning_rate=1e-3", "student.init_from_teacher.strategy=importance",
-         "student.init_from_teacher.layers=10", f"training.seed={seed}", "training.num_threads=1"])
-       for seed in (42, 7, 123)},
+         f"student.init_from_teacher.layers={layers}", f"training.seed={seed}", "training.num_threads=1"])
+       for layers in (10, 15) for seed in (42, 7, 123)},
     "ce-imp-lr2e3": ("CE-only, lr 2e-3, student layers by importance",
                      ["training.learning_rate=2e-3", "student.init_from_teacher.strategy=importance"]),
 }
 
 
 def _overrides(root: Path, name: str, extra: list[str]) -> list[str]:
-    return [*COMMON, *extra, f"output.dir={root / name}"]
+    return [*COMMON, *(o.replace("{root}", str(root)) for o in extra), f"output.dir={root / name}"]
 
 
 def _set_args(overrides: list[str]) -> list[str]:
@@ -197,6 +207,20 @@ def cmd_run(root: Path, name: str, stop_at: int | None, resume: bool) -> int:
     with open(root / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         return _wait_and_stop(proc, root / name / "metrics.jsonl", stop_at)
+
+
+def cmd_fill(root: Path, name: str) -> int:
+    """Fill a cache candidate's teacher cache (`entrenar cache`, one thread), timed, before its run."""
+    _, extra, _ = CANDIDATES[name]
+    cmd = [sys.executable, "-m", "entrenar_cli", "cache", CONFIG, *_set_args(_overrides(root, name, extra))]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(root / f"{name}.fill.log", "ab") as log:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    print(f"fill: exit {rc} in {time.perf_counter() - start:.0f} s", flush=True)
+    return rc
 
 
 def cmd_ce(root: Path, name: str, stop_at: int | None = None) -> int:
@@ -391,6 +415,9 @@ def main() -> None:
     c = sub.add_parser("ce")
     c.add_argument("name", nargs="?", default="ce", choices=sorted(BASELINES))
     c.add_argument("--stop-at", type=int, default=None, help="stop after the evaluation at this step")
+    f = sub.add_parser("fill", help="fill a teacher-cache candidate's cache (timed)")
+    f.add_argument("name", choices=sorted(n for n, (_, extra, _) in CANDIDATES.items()
+                                          if "distillation.teacher_cache.enabled=true" in extra))
     cc = sub.add_parser("_ce_child")
     cc.add_argument("name")
     sub.add_parser("table")
@@ -403,6 +430,8 @@ def main() -> None:
             print(f"{name:12s} {desc}  [{' '.join(extra)}]")
     elif a.cmd == "run":
         sys.exit(cmd_run(a.root, a.name, a.stop_at, a.resume))
+    elif a.cmd == "fill":
+        sys.exit(cmd_fill(a.root, a.name))
     elif a.cmd == "ce":
         sys.exit(cmd_ce(a.root, a.name, a.stop_at))
     elif a.cmd == "_ce_child":
