@@ -40,6 +40,7 @@ from entrenar_cli.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from entrenar_cli.console import TaskProgress
 from entrenar_cli.data import BlockDataset, DistillationCollator, epoch_order
 from entrenar_cli.errors import TrainingError
 from entrenar_cli.loss_terms import LossTerms, accumulate, means
@@ -593,7 +594,8 @@ class Engine:
         resumed_from = self._resume_and_say() if self.opts.resume else None
         self._window = _Window(time.perf_counter() - self.state.elapsed_s)
         status = "completed"
-        progress = _Progress(self.total_steps, enabled=self.opts.progress and self.is_main, start=self.state.step)
+        progress = TaskProgress("train", self.total_steps, unit="step", enabled=self.opts.progress and self.is_main,
+                                start=self.state.step)
         try:
             while self.state.step < self.total_steps:
                 if self._stop_agreed():
@@ -608,7 +610,7 @@ class Engine:
                 progress.advance(self.state.step)
                 if self.state.step % self.settings.logging_steps == 0 or self.state.step == self.total_steps:
                     record = self._log_window(norm)
-                    progress.show(record)
+                    progress.say(record["step"], _step_line(record))
                     if on_log:
                         on_log(record)
                 self._periodic_eval_and_checkpoint()
@@ -763,42 +765,10 @@ class _Window:
         return time.perf_counter() - self.start
 
 
-class _Progress:
-    """A rich progress bar on a terminal; a plain line per log interval otherwise (CI logs)."""
-
-    def __init__(self, total: int, *, enabled: bool, start: int = 0):
-        from entrenar_cli.console import err
-
-        self.enabled = enabled
-        self.total = total
-        self.live = enabled and err.is_terminal
-        self.bar = None
-        if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err)
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def advance(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step)
-
-    def show(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        terms = " ".join(f"{k}={record[k]:.4f}" for k in sorted(record) if k.startswith("loss"))
-        info = f"{terms} lr={record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
-        if "generated_tokens_per_s" in record:
-            info += f" (generating {record['generated_tokens_per_s']:.0f} tok/s)"
-        if self.bar is not None:
-            self.bar.update(self.task, info=info)
-        else:
-            from entrenar_cli.console import err
-
-            err.print(f"step {record['step']}/{self.total} {info}", markup=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def _step_line(record: dict[str, Any]) -> str:
+    """What the progress display says about a logging window: the loss terms, lr and throughput."""
+    terms = " ".join(f"{k}={record[k]:.4f}" for k in sorted(record) if k.startswith("loss"))
+    line = f"{terms} lr={record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s"
+    if "generated_tokens_per_s" in record:
+        line += f" (generating {record['generated_tokens_per_s']:.0f} tok/s)"
+    return line

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -468,6 +469,8 @@ def test_end_to_end_distill_across_tokenizers(tmp_path: Path, text_dir: Path, sm
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     text = proc.stdout + proc.stderr
     assert "tokenizers differ" in text and "vocab doctor" in text and "49,152" in text
+    # no terminal: the progress is a plain line per logging window
+    assert re.search(r"^step 4/4 loss=\d\S* loss_ce=\S+ .*lr=\S+ \d+ tok/s$", proc.stderr, re.M), proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4
     assert math.isfinite(summary["student"]["perplexity"]) and math.isfinite(summary["baseline"]["perplexity"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,8 @@ def test_cache_made_in_one_directory_serves_a_run_in_another_and_verify_finds_da
     cfg = _config(tiny_llama, stdlib_text, tmp_path / "out", built)
     result = runner.invoke(app, ["cache", str(cfg_file), "--shard-blocks", "8"])
     assert result.exit_code == 0, result.output
+    # without a terminal the fill reports how far it is in plain lines, ending at all blocks
+    assert re.search(r"^blocks \d+/16 \d+ tokens/s$", result.output, re.M) and "blocks 16/16 " in result.output
     moved = tmp_path / "elsewhere" / "cache"
     shutil.copytree(built, moved)  # another directory (as on another machine)
     result = runner.invoke(app, ["cache", "--verify", str(moved)])

@@ -156,6 +156,12 @@ def fill(cfg: Any, *, shard_blocks: int | None = None, rebuild: bool = False,
             if on_shard is not None:
                 on_shard(path)
 
+    from entrenar_cli.console import TaskProgress, is_main_process
+
+    # ranks fill about as many blocks each; rank 0 speaks for all. Without a terminal: ~20 lines in all
+    progress = TaskProgress("teacher cache", len(mine), unit="blocks", enabled=is_main_process())
+    say_every = max(batch_size, len(mine) // 20)
+    said = 0
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
             ids = mine[i:i + batch_size]
@@ -167,7 +173,13 @@ def fill(cfg: Any, *, shard_blocks: int | None = None, rebuild: bool = False,
             tokens += int(batch["input_ids"].numel())
             if len(pending_ids) >= per_shard:
                 flush()
+            done = i + len(ids)
+            progress.advance(done)
+            if done - said >= say_every or done == len(mine):
+                said = done
+                progress.say(done, f"{tokens / (time.perf_counter() - start):.0f} tokens/s")
         flush()
+    progress.close()
     elapsed = time.perf_counter() - start
     _barrier(world)
     index = index_shards(directory)
