@@ -1,7 +1,7 @@
 """Which distillation recipe beats plain cross-entropy training of the same student? (issue 15)
 
 Every run is the demo (`examples/configs/distill-smollm2.yaml`: SmolLM2-135M-Instruct Q4_1 teacher ->
-student built from its layers: 6 of them, 10 for the `-l10` runs, as the demo has since session 7; Python
+student built from its layers: 6 of them, 10 for the `-l10` runs (the demo since session 7), 15 for `-l15`; Python
 stdlib source, batch 4 x 128 tokens, seed 42 unless the name says otherwise) trained
 through the real CLI (`python -m entrenar_cli distill ... --set ...`), fp32 pinned, 500 optimizer
 steps planned (one epoch is 490), held-out perplexity on 15 fixed batches every 100 steps. Runs
