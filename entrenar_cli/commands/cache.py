@@ -158,28 +158,31 @@ def fill(cfg: Any, *, shard_blocks: int | None = None, rebuild: bool = False,
 
     from entrenar_cli.console import TaskProgress, is_main_process
 
-    # ranks fill about as many blocks each; rank 0 speaks for all. Without a terminal: ~20 lines in all
+    # rank 0 reports its own share of the blocks left (about 1/world of them); without a terminal about
+    # 20 lines in all
     progress = TaskProgress("teacher cache", len(mine), unit="blocks", enabled=is_main_process())
     say_every = max(batch_size, len(mine) // 20)
     said = 0
-    with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            ids = mine[i:i + batch_size]
-            batch = collator.collate([su.train_blocks.block(j) for j in ids])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = teacher(**forward_kwargs(batch, need_hidden, need_attn, teacher))
-            pending.update(tc.encode_batch(ids, tc.compress(out, block_outputs)))
-            pending_ids.extend(ids)
-            tokens += int(batch["input_ids"].numel())
-            if len(pending_ids) >= per_shard:
-                flush()
-            done = i + len(ids)
-            progress.advance(done)
-            if done - said >= say_every or done == len(mine):
-                said = done
-                progress.say(done, f"{tokens / (time.perf_counter() - start):.0f} tokens/s")
-        flush()
-    progress.close()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(mine), batch_size):
+                ids = mine[i:i + batch_size]
+                batch = collator.collate([su.train_blocks.block(j) for j in ids])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = teacher(**forward_kwargs(batch, need_hidden, need_attn, teacher))
+                pending.update(tc.encode_batch(ids, tc.compress(out, block_outputs)))
+                pending_ids.extend(ids)
+                tokens += int(batch["input_ids"].numel())
+                if len(pending_ids) >= per_shard:
+                    flush()
+                done = i + len(ids)
+                progress.advance(done)
+                if done - said >= say_every or done == len(mine):
+                    said = done
+                    progress.say(done, f"{tokens / (time.perf_counter() - start):.0f} tokens/s")
+            flush()
+    finally:
+        progress.close()  # an interrupted fill must not leave the terminal's cursor hidden
     elapsed = time.perf_counter() - start
     _barrier(world)
     index = index_shards(directory)
