@@ -24,6 +24,7 @@ for 500 steps either way, the screened curve is exactly the first part of the fu
     python -m bench.recipe_sweep table                    # JSON + markdown in --root
     python -m bench.recipe_sweep fill a05-imp-lr1e3-l10-s7-tc && \
         python -m bench.recipe_sweep run a05-imp-lr1e3-l10-s7-tc   # KD from a teacher cache filled first
+    python -m bench.recipe_sweep run a07-imp-lr1e3-l10-s42-tc      # any 10-layer NAME from that cache
 
 Run it from the repository root (or any copy of it: the code imported is the one in the cwd).
 Wall time: the fastest decile of an optimizer step's time over the logging windows that contain no
@@ -158,13 +159,13 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
         [*DEMO, "student.init_from_teacher.layers=10", "training.seed=7", "training.num_threads=1",
          "training.fused_losses=false", "distillation.teacher_cache.enabled=true",
          "distillation.teacher_cache.dir={root}/teacher-cache-l10"], "ce-imp-lr1e3-l10-s7"),
-    # session 9: the hard-label weight with the 10-layer student (every 10-layer run above has alpha 0.5,
+    # session 9: the KD weight with the 10-layer student (every 10-layer run above has alpha 0.5,
     # chosen on 6 layers; Minitron distils with the KL term alone), and the per-block cosine term on it
     **{f"a{tag}-imp-lr1e3-l10-s{seed}": (
         f"forward KL, T=1, alpha {alpha}, lr 1e-3, 10 layers by importance, seed {seed}",
         [*DEMO, f"distillation.alpha={alpha}", "student.init_from_teacher.layers=10", f"training.seed={seed}",
          "training.num_threads=1", "training.fused_losses=false"], f"ce-imp-lr1e3-l10-s{seed}")
-       for tag, alpha in (("07", "0.7"), ("10", "1.0")) for seed in (42, 7, 123)},
+       for tag, alpha in (("03", "0.3"), ("07", "0.7"), ("10", "1.0")) for seed in (42, 7, 123)},
     **{f"a05-imp-lr1e3-l10-pkd-w1-s{seed}": (
         f"the demo recipe (10 layers) + the per-block hidden cosine term (weight 1), seed {seed}",
         [*DEMO, "student.init_from_teacher.layers=10", f"training.seed={seed}", "training.num_threads=1",
@@ -178,18 +179,13 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
         f"ce-imp-lr{lr_tag}-l10-s{seed}")
        for tag, alpha in (("05", "0.5"), ("03", "0.3")) for lr_tag, lr in (("14e4", "1.4e-3"), ("7e4", "7e-4"))
        for seed in (42, 7, 123)},
-    **{f"a03-imp-lr1e3-l10-s{seed}": (
-        f"forward KL, T=1, alpha 0.3, lr 1e-3, 10 layers by importance, seed {seed}",
-        [*DEMO, "distillation.alpha=0.3", "student.init_from_teacher.layers=10", f"training.seed={seed}",
-         "training.num_threads=1", "training.fused_losses=false"], f"ce-imp-lr1e3-l10-s{seed}")
-       for seed in (42, 7, 123)},
 }
 # session 9: any 10-layer candidate trained from the pre-filled teacher cache (`NAME-tc`; fill it once with
 # `fill a05-imp-lr1e3-l10-s7-tc`: it holds the teacher's outputs per block, whatever the seed or recipe)
 _CACHE = ["distillation.teacher_cache.enabled=true", "distillation.teacher_cache.dir={root}/teacher-cache-l10"]
 CANDIDATES.update({f"{name}-tc": (f"{desc}, from the pre-filled teacher cache", [*extra, *_CACHE], base)
                    for name, (desc, extra, base) in list(CANDIDATES.items())
-                   if "-l10-" in name and "teacher_cache" not in " ".join(extra)})
+                   if "-l10-" in name and "teacher_cache" not in " ".join(extra) and f"{name}-tc" not in CANDIDATES})
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
     "ce-lr1e3": ("CE-only, lr 1e-3", ["training.learning_rate=1e-3"]),
