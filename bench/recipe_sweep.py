@@ -58,6 +58,32 @@ COMMON = [
 DEMO = ["distillation.alpha=0.5", "student.init_from_teacher.strategy=importance", "training.learning_rate=1e-3"]
 DEMO_CE = ["distillation.alpha=0.0", *DEMO[1:]]
 
+
+# the teacher cache of the 10-layer runs (session 8 on); one fill serves every seed and recipe
+_CACHE = ["distillation.teacher_cache.enabled=true", "distillation.teacher_cache.dir={root}/teacher-cache-l10"]
+
+
+def _student(layers: int, seed: int) -> list[str]:
+    """The student and seed of a depth run (session 7 on), one thread so that two runs share the 2 cores."""
+    return [f"student.init_from_teacher.layers={layers}", f"training.seed={seed}", "training.num_threads=1"]
+
+
+def _kd(layers: int, seed: int, *extra: str) -> list[str]:
+    """The demo recipe with ``extra`` on top; unfused loss kernels, as every fp32 run here had."""
+    return [*DEMO, *extra, *_student(layers, seed), "training.fused_losses=false"]
+
+
+def _ce(lr: str, layers: int, seed: int) -> list[str]:
+    return [f"training.learning_rate={lr}", "student.init_from_teacher.strategy=importance", *_student(layers, seed)]
+
+
+# session 9: (alpha tag, alpha, lr tag, lr) of the 10-layer screens; lr 1e-3 is the demo's
+_L10_SCREENS = [*((tag, alpha, "1e3", "1e-3") for tag, alpha in (("03", "0.3"), ("07", "0.7"), ("10", "1.0"))),
+                *((tag, alpha, lr_tag, lr) for tag, alpha in (("05", "0.5"), ("03", "0.3"))
+                  for lr_tag, lr in (("14e4", "1.4e-3"), ("7e4", "7e-4")))]
+# CE-only baselines (lr tag, lr, layers) of the depth runs and the 10-layer screens
+_CE_RUNS = [*(("1e3", "1e-3", layers) for layers in (8, 10, 15)), ("14e4", "1.4e-3", 10), ("7e4", "7e-4", 10)]
+
 # name -> (what it tests, --set overrides on top of COMMON, the CE-only run it is compared with)
 CANDIDATES: dict[str, tuple[str, list[str], str]] = {
     "kd": ("today's default before issue 15: forward KL, T=1, alpha=1",
@@ -148,41 +174,27 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
     # session 7: the student's depth. 10 of the 30 layers (the demo config since then) on three seeds, one
     # thread per run so that a KD run and a CE-only run share the two cores
     **{f"a05-imp-lr1e3-l{layers}-s{seed}": (
-        f"the demo recipe with a {layers}-layer student, seed {seed}",
-        [*DEMO, f"student.init_from_teacher.layers={layers}", f"training.seed={seed}", "training.num_threads=1",
-         "training.fused_losses=false"], f"ce-imp-lr1e3-l{layers}-s{seed}")
+        f"the demo recipe with a {layers}-layer student, seed {seed}", _kd(layers, seed),
+        f"ce-imp-lr1e3-l{layers}-s{seed}")
        for layers in (8, 10, 15) for seed in (42, 7, 123)},
     # session 8: the same recipe trained from a teacher cache filled beforehand (`fill` below), for the
     # equal-wall-time target with the cache: its loss is the cache's top-32 + 32 tail samples estimate
     "a05-imp-lr1e3-l10-s7-tc": (
         "the demo recipe, 10 layers, seed 7, from a pre-filled teacher cache (top-32 + 32 tail samples)",
-        [*DEMO, "student.init_from_teacher.layers=10", "training.seed=7", "training.num_threads=1",
-         "training.fused_losses=false", "distillation.teacher_cache.enabled=true",
-         "distillation.teacher_cache.dir={root}/teacher-cache-l10"], "ce-imp-lr1e3-l10-s7"),
+        _kd(10, 7, *_CACHE), "ce-imp-lr1e3-l10-s7"),
     # session 9: the KD weight with the 10-layer student (every 10-layer run above has alpha 0.5,
     # chosen on 6 layers; Minitron distils with the KL term alone), and the per-block cosine term on it
-    **{f"a{tag}-imp-lr1e3-l10-s{seed}": (
-        f"forward KL, T=1, alpha {alpha}, lr 1e-3, 10 layers by importance, seed {seed}",
-        [*DEMO, f"distillation.alpha={alpha}", "student.init_from_teacher.layers=10", f"training.seed={seed}",
-         "training.num_threads=1", "training.fused_losses=false"], f"ce-imp-lr1e3-l10-s{seed}")
-       for tag, alpha in (("03", "0.3"), ("07", "0.7"), ("10", "1.0")) for seed in (42, 7, 123)},
-    **{f"a05-imp-lr1e3-l10-pkd-w1-s{seed}": (
-        f"the demo recipe (10 layers) + the per-block hidden cosine term (weight 1), seed {seed}",
-        [*DEMO, "student.init_from_teacher.layers=10", f"training.seed={seed}", "training.num_threads=1",
-         "training.fused_losses=false", "distillation.progressive.enabled=true",
-         "distillation.progressive.loss=cosine", "distillation.progressive.weight=1.0"],
-        f"ce-imp-lr1e3-l10-s{seed}") for seed in (42, 7, 123)},
     **{f"a{tag}-imp-lr{lr_tag}-l10-s{seed}": (
         f"forward KL, T=1, alpha {alpha}, lr {lr}, 10 layers by importance, seed {seed}",
-        [*DEMO, f"distillation.alpha={alpha}", f"training.learning_rate={lr}", "student.init_from_teacher.layers=10",
-         f"training.seed={seed}", "training.num_threads=1", "training.fused_losses=false"],
-        f"ce-imp-lr{lr_tag}-l10-s{seed}")
-       for tag, alpha in (("05", "0.5"), ("03", "0.3")) for lr_tag, lr in (("14e4", "1.4e-3"), ("7e4", "7e-4"))
-       for seed in (42, 7, 123)},
+        _kd(10, seed, f"distillation.alpha={alpha}", f"training.learning_rate={lr}"), f"ce-imp-lr{lr_tag}-l10-s{seed}")
+       for tag, alpha, lr_tag, lr in _L10_SCREENS for seed in (42, 7, 123)},
+    **{f"a05-imp-lr1e3-l10-pkd-w1-s{seed}": (
+        f"the demo recipe (10 layers) + the per-block hidden cosine term (weight 1), seed {seed}",
+        _kd(10, seed, "distillation.progressive.enabled=true", "distillation.progressive.loss=cosine",
+            "distillation.progressive.weight=1.0"), f"ce-imp-lr1e3-l10-s{seed}") for seed in (42, 7, 123)},
 }
 # session 9: any 10-layer candidate trained from the pre-filled teacher cache (`NAME-tc`; fill it once with
 # `fill a05-imp-lr1e3-l10-s7-tc`: it holds the teacher's outputs per block, whatever the seed or recipe)
-_CACHE = ["distillation.teacher_cache.enabled=true", "distillation.teacher_cache.dir={root}/teacher-cache-l10"]
 CANDIDATES.update({f"{name}-tc": (f"{desc}, from the pre-filled teacher cache", [*extra, *_CACHE], base)
                    for name, (desc, extra, base) in list(CANDIDATES.items())
                    if "-l10-" in name and "teacher_cache" not in " ".join(extra) and f"{name}-tc" not in CANDIDATES})
@@ -193,16 +205,9 @@ BASELINES: dict[str, tuple[str, list[str]]] = {
                ["training.learning_rate=5e-4", "student.init_from_teacher.strategy=importance"]),
     "ce-imp-lr1e3": ("CE-only, lr 1e-3, student layers by importance",
                      ["training.learning_rate=1e-3", "student.init_from_teacher.strategy=importance"]),
-    **{f"ce-imp-lr1e3-l{layers}-s{seed}": (
-        f"CE-only, lr 1e-3, {layers} layers by importance, seed {seed}",
-        ["training.learning_rate=1e-3", "student.init_from_teacher.strategy=importance",
-         f"student.init_from_teacher.layers={layers}", f"training.seed={seed}", "training.num_threads=1"])
-       for layers in (8, 10, 15) for seed in (42, 7, 123)},
-    **{f"ce-imp-lr{lr_tag}-l10-s{seed}": (
-        f"CE-only, lr {lr}, 10 layers by importance, seed {seed}",
-        [f"training.learning_rate={lr}", "student.init_from_teacher.strategy=importance",
-         "student.init_from_teacher.layers=10", f"training.seed={seed}", "training.num_threads=1"])
-       for lr_tag, lr in (("14e4", "1.4e-3"), ("7e4", "7e-4")) for seed in (42, 7, 123)},
+    **{f"ce-imp-lr{lr_tag}-l{layers}-s{seed}": (
+        f"CE-only, lr {lr}, {layers} layers by importance, seed {seed}", _ce(lr, layers, seed))
+       for lr_tag, lr, layers in _CE_RUNS for seed in (42, 7, 123)},
     "ce-imp-lr2e3": ("CE-only, lr 2e-3, student layers by importance",
                      ["training.learning_rate=2e-3", "student.init_from_teacher.strategy=importance"]),
 }
