@@ -193,11 +193,37 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
         _kd(10, seed, "distillation.progressive.enabled=true", "distillation.progressive.loss=cosine",
             "distillation.progressive.weight=1.0"), f"ce-imp-lr1e3-l10-s{seed}") for seed in (42, 7, 123)},
 }
+# session 10: teacher correction (Minitron: fine-tune the teacher on the distillation data first; this
+# teacher is a 4-bit-quantised instruct model seeing Python source). `correct` fine-tunes it; `student`
+# saves the demo's 10-layer student built from the ORIGINAL teacher's layers (the exact weights
+# `init_from_teacher` gives: checked equal), so the CE-only baselines above stay the baselines
+_TEACHER_FIXED = "{root}/teacher-corrected"
+_STUDENT_L10 = "{root}/student-l10-original"
+_L10_LAYERS = [0, 1, 6, 8, 20, 21, 23, 24, 28, 29]
+CORRECT = ["method=full", "dataset.path={stdlib}/**/*.py", "dataset.max_length=128", "dataset.eval_fraction=0.05",
+           "dataset.max_blocks=2000", "training.max_steps=300", "training.learning_rate=2e-4",
+           "training.warmup_steps=10", "training.lr_scheduler=cosine", "training.eval_steps=100",
+           "training.eval_batches=15", "training.save_steps=300", "training.logging_steps=10",
+           "training.seed=42", "training.mixed_precision=fp32"]
+CANDIDATES.update({f"a05-imp-lr1e3-l10-tcorr-s{seed}": (
+    f"the demo recipe (10 layers of the original teacher), KD from the corrected teacher, seed {seed}",
+    [*DEMO, *_student(10, seed), "training.fused_losses=false", "student.init_from_teacher=null",
+     f"student.model_id={_STUDENT_L10}", f"teacher.model_id={_TEACHER_FIXED}", "teacher.format=safetensors"],
+    f"ce-imp-lr1e3-l10-s{seed}") for seed in (42, 7, 123)})
+# ... and the whole Minitron order: the student built from the corrected teacher's layers (the same ten), against
+# CE-only training of that same student (the corrected layers alone carry what the teacher learnt from the data)
+_FIXED_L10 = [f"student.init_from_teacher.layers={_L10_LAYERS}".replace(" ", ""), f"teacher.model_id={_TEACHER_FIXED}",
+              "teacher.format=safetensors"]
+CANDIDATES.update({f"a05-imp-lr1e3-l10-tcorr-init-s{seed}": (
+    f"the demo recipe, the student built from the corrected teacher's layers {_L10_LAYERS}, KD from it, seed {seed}",
+    [*DEMO, *_student(10, seed), "training.fused_losses=false", *_FIXED_L10], f"ce-imp-lr1e3-l10-tcorr-s{seed}")
+    for seed in (42, 7, 123)})
 # session 9: any 10-layer candidate trained from the pre-filled teacher cache (`NAME-tc`; fill it once with
 # `fill a05-imp-lr1e3-l10-s7-tc`: it holds the teacher's outputs per block, whatever the seed or recipe)
 CANDIDATES.update({f"{name}-tc": (f"{desc}, from the pre-filled teacher cache", [*extra, *_CACHE], base)
                    for name, (desc, extra, base) in list(CANDIDATES.items())
-                   if "-l10-" in name and "teacher_cache" not in " ".join(extra) and f"{name}-tc" not in CANDIDATES})
+                   if "-l10-" in name and "teacher_cache" not in " ".join(extra) and f"{name}-tc" not in CANDIDATES
+                   and "teacher.model_id" not in " ".join(extra)})  # that cache holds the original teacher's outputs
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
     "ce-lr1e3": ("CE-only, lr 1e-3", ["training.learning_rate=1e-3"]),
@@ -208,6 +234,9 @@ BASELINES: dict[str, tuple[str, list[str]]] = {
     **{f"ce-imp-lr{lr_tag}-l{layers}-s{seed}": (
         f"CE-only, lr {lr}, {layers} layers by importance, seed {seed}", _ce(lr, layers, seed))
        for lr_tag, lr, layers in _CE_RUNS for seed in (42, 7, 123)},
+    **{f"ce-imp-lr1e3-l10-tcorr-s{seed}": (
+        f"CE-only, lr 1e-3, the corrected teacher's layers {_L10_LAYERS}, seed {seed}",
+        [*_ce("1e-3", 10, seed), *_FIXED_L10]) for seed in (42, 7, 123)},
     "ce-imp-lr2e3": ("CE-only, lr 2e-3, student layers by importance",
                      ["training.learning_rate=2e-3", "student.init_from_teacher.strategy=importance"]),
 }
@@ -258,6 +287,31 @@ def cmd_fill(root: Path, name: str) -> int:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     print(f"fill: exit {rc} in {time.perf_counter() - start:.0f} s", flush=True)
     return rc
+
+
+def cmd_correct(root: Path) -> int:
+    """Teacher correction: `entrenar finetune` (full) of the teacher on the demo's training blocks."""
+    cmd = [sys.executable, "-m", "entrenar_cli", "finetune", "examples/configs/finetune-lora.yaml", "--overwrite",
+           *_set_args([*CORRECT, f"output.dir={_TEACHER_FIXED.replace('{root}', str(root))}"])]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "teacher-corrected.log", "ab") as log:
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def cmd_student(root: Path) -> None:
+    """Save the demo's 10-layer student, built from the original teacher, as a model directory."""
+    import torch
+
+    from entrenar_cli import models
+    from entrenar_cli.config import DistillationYamlConfig
+
+    src = DistillationYamlConfig.from_file(CONFIG).teacher
+    loc = models.open_source(src)
+    teacher = models.load_model(loc, task="causal", dtype=torch.float32)
+    out = Path(_STUDENT_L10.replace("{root}", str(root)))
+    models.save_model_files(models.student_from_teacher(teacher, _L10_LAYERS), models.load_tokenizer(loc), out)
+    print(f"saved {out}")
 
 
 def cmd_ce(root: Path, name: str, stop_at: int | None = None) -> int:
@@ -459,6 +513,8 @@ def main() -> None:
     cc.add_argument("name")
     sub.add_parser("table")
     sub.add_parser("probe")
+    sub.add_parser("correct", help="fine-tune the teacher on the training blocks (teacher correction)")
+    sub.add_parser("student", help="save the 10-layer student of the original teacher (for -tcorr runs)")
     a = ap.parse_args()
     if a.cmd == "list":
         for name, (desc, extra, base) in CANDIDATES.items():
@@ -475,6 +531,10 @@ def main() -> None:
         _ce_child(a.root, a.name)
     elif a.cmd == "probe":
         cmd_probe(a.root)
+    elif a.cmd == "correct":
+        sys.exit(cmd_correct(a.root))
+    elif a.cmd == "student":
+        cmd_student(a.root)
     else:
         cmd_table(a.root)
 
