@@ -101,28 +101,8 @@ class ModelSource(Section):
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-class TeacherCorrection(Section):
-    """Fine-tune the teacher on the training data before distilling (Minitron's teacher correction)."""
-
-    steps: int = Field(gt=0, le=MAX_STEPS, description="Optimizer steps of full fine-tuning on the training blocks "
-                       "(batch and precision as in training).")
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (cosine schedule).")
-    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS, description="Linear warm-up steps.")
-
-
 class TeacherConfig(ModelSource):
     """The teacher: a frozen model whose outputs the student learns from."""
-
-    correction: TeacherCorrection | None = Field(
-        None, description="Fine-tune the teacher on the training blocks first (saved in OUTPUT/teacher-corrected); "
-        "the student is still built from the uncorrected teacher's layers. `correction: 300` is short for "
-        "{steps: 300}.",
-    )
-
-    @field_validator("correction", mode="before")
-    @classmethod
-    def _correction_shorthand(cls, v: object) -> object:
-        return {"steps": v} if isinstance(v, int) and not isinstance(v, bool) else v
 
     device_map: str | dict[str, int | str] | None = Field(
         None,
@@ -143,9 +123,6 @@ class TeacherConfig(ModelSource):
             raise ValueError(f"device_map must be one of {', '.join(DEVICE_MAPS)} or a {{module: device}} mapping")
         if self.device_map is None and (self.max_memory or self.offload_dir):
             raise ValueError("max_memory and offload_dir place a teacher spread with device_map; set device_map too")
-        if self.device_map is not None and self.correction is not None:
-            raise ValueError("correction trains the teacher, which a teacher spread with device_map cannot be; "
-                             "correct it first (`entrenar finetune`, method: full) and distill from the result")
         return self
 
     def placement(self) -> dict[str, Any]:

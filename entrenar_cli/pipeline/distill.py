@@ -30,7 +30,6 @@ from entrenar_cli.pipeline.common import (
     start_event,
     write_summary,
 )
-from entrenar_cli.pipeline.teacher_correction import check_correctable, correct_teacher
 
 
 @dataclass
@@ -207,16 +206,9 @@ def setup(cfg: DistillationYamlConfig, *, teacher_only: bool = False) -> Distill
 
     info(f"data: {len(train_blocks)} training blocks, "
          f"{len(eval_blocks)} held-out blocks of {cfg.dataset.max_length} tokens")
-    su = DistillSetup(cfg, teacher, student, tokenizer, task, vocab, train_blocks, eval_blocks, precision, device,
-                      t_src.model_id, student_name, layers, t_loc.path, choice.reason, layer_scores=layer_scores,
-                      cross=cross)
-    if teacher_only and t_src.correction is not None:
-        raise ConfigError("entrenar cache: teacher.correction fine-tunes the teacher inside `entrenar distill`, so "
-                          "there is no corrected teacher to cache yet",
-                          hint="distill once (the corrected teacher is saved in OUTPUT/teacher-corrected), "
-                               "then cache with teacher.model_id pointing there and no teacher.correction")
-    check_correctable(su)
-    return su
+    return DistillSetup(cfg, teacher, student, tokenizer, task, vocab, train_blocks, eval_blocks, precision, device,
+                        t_src.model_id, student_name, layers, t_loc.path, choice.reason, layer_scores=layer_scores,
+                        cross=cross)
 
 
 def _cross_tokenizer_setup(cfg: DistillationYamlConfig, teacher_tok: Any, student_tok: Any, task: str, s_loc: Any,
@@ -298,8 +290,6 @@ def teacher_cache_spec(su: DistillSetup) -> dict[str, Any]:
         "temperature": dist.temperature if logits else None,
         "bytes_per_token": fmt.bytes_per_token if fmt else 0,
         "hidden_layers": hidden, "attention_layers": attn, "blocks_total": len(su.train_blocks),
-        # the outputs of a corrected teacher are not the weights' outputs: the correction is part of its identity
-        **({"correction": su.cfg.teacher.correction.model_dump()} if su.cfg.teacher.correction else {}),
     }
     return {"manifest": manifest, "format": fmt, "hidden": hidden, "attention": attn,
             "dir": Path(settings.dir) if settings.dir else None}
@@ -373,7 +363,6 @@ def plan(su: DistillSetup) -> dict[str, Any]:
         **({"cross_tokenizer": su.cross.plan()} if su.cross is not None else {}),
         "logit_loss": _logit_loss_line(su, tr),
         "on_policy": su.cfg.distillation.on_policy.model_dump(),
-        "teacher_correction": (su.cfg.teacher.correction.model_dump() if su.cfg.teacher.correction else None),
     }
 
 
@@ -445,10 +434,6 @@ def print_plan(p: dict[str, Any]) -> None:
               + f"; precision {p.get('precision_reason') or p['precision']}")
     if p.get("logit_loss"):
         out.print(f"logit losses: {p['logit_loss']}")
-    tc = p.get("teacher_correction")
-    if tc:
-        out.print(f"teacher correction: {tc['steps']} steps of full fine-tuning (lr {tc['learning_rate']:g}) on the "
-                  "training blocks before distilling; the student keeps the uncorrected teacher's layers")
     op = p.get("on_policy") or {}
     if op.get("fraction"):
         out.print(f"on-policy: {op['fraction']:g} of each micro-batch's sequences are the student's continuations "
@@ -470,7 +455,6 @@ class DistillRun(TrainingRun):
         self.model, self.tokenizer, self.precision = su.student, su.tokenizer, su.precision
         self.train_blocks, self.eval_blocks = su.train_blocks, su.eval_blocks
         self.cache: Any = None
-        self.correction: dict[str, Any] | None = None
         # --baseline trains the same initial student again: keep a copy before the KD run changes it
         self.baseline_init = copy.deepcopy(su.student) if self.opts.baseline else None
 
@@ -490,7 +474,6 @@ class DistillRun(TrainingRun):
         _record_cache_dir(self.su, self.out)
 
     def objective(self) -> Any:
-        self.correction = correct_teacher(self.su, self.out, resume=self.opts.resume, progress=self.opts.progress)
         self.cache = open_teacher_cache(self.su, self.out)
         return build_objective(self.su, self.cache)
 
@@ -499,8 +482,6 @@ class DistillRun(TrainingRun):
 
     def summary(self, plan: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         summary = _summary(plan, result)
-        if self.correction is not None:
-            summary["teacher_correction"] = self.correction
         cache = self.cache
         if cache is not None:
             summary["teacher_cache"] = {"dir": str(cache.dir), "hit_rate": cache.hit_rate, "hits": cache.hits,
