@@ -127,6 +127,16 @@ def _fp16_up(x: Tensor) -> Tensor:
     return torch.where(h.float() < x, torch.nextafter(h.float(), torch.full_like(x, float("inf"))).half(), h)
 
 
+def _negentropy(p: Tensor, logp: Tensor) -> Tensor:
+    """``sum p log p`` per row. A fused dot product (a third of the masked form's time on a 49k vocabulary);
+    rows with a ``-inf`` logit (0 * -inf = nan there) take the masked form."""
+    negent = torch.linalg.vecdot(p, logp)
+    bad = negent.isnan()
+    if bool(bad.any()):
+        negent[bad] = torch.where(p[bad] > 0, p[bad] * logp[bad], torch.zeros_like(p[bad])).sum(-1)
+    return negent
+
+
 def encode(logits: Tensor, fmt: CacheFormat, seed: int) -> np.ndarray:
     """One block's teacher logits ``[L, V']`` -> ``L`` records. Sampling is seeded by ``seed`` (the block id),
     so the same block gives the same record in any process, batch or machine of the same device kind."""
@@ -150,7 +160,7 @@ def encode(logits: Tensor, fmt: CacheFormat, seed: int) -> np.ndarray:
     rec["tail"] = log_tail.cpu().numpy().astype("<f2")
     if fmt.samples:
         p = logp.exp()
-        negent = torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+        negent = _negentropy(p, logp)
         if top_id is not None:
             p = p.scatter(-1, top_id, 0.0)
         empty = p.sum(-1) <= 0  # the top k hold everything: the samples' weight is 0, any id will do

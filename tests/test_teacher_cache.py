@@ -112,6 +112,19 @@ def _bias_bound_and_std(logits: torch.Tensor, s_logp: torch.Tensor, rec: np.ndar
     return float(bias.sum()), float(var.sum().sqrt())
 
 
+def test_negentropy_of_rows_with_masked_logits() -> None:
+    """A -inf logit (a masked vocabulary entry) has p = 0 and contributes 0, not nan, to sum p log p."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * 3
+    logits[2, 7] = logits[4, :150] = float("-inf")
+    fmt = CacheFormat(32, 32, 300, 1.0)
+    _, _, negent = decode(encode(logits, fmt, seed=1), fmt)
+    logp = torch.log_softmax(logits, -1)
+    expected = torch.stack([(row.exp()[row > -1e30] * row[row > -1e30]).sum() for row in logp])
+    assert not bool(negent.isnan().any())
+    assert torch.allclose(negent, expected, atol=1e-5)
+
+
 def test_kd_loss_on_compact_cache_vs_full_vocabulary_within_documented_bound() -> None:
     vocab, n = 512, 1024
     teacher = _peaked_logits(n, vocab, seed=1)
