@@ -305,13 +305,51 @@ def cmd_student(root: Path) -> None:
 
     from entrenar_cli import models
     from entrenar_cli.config import DistillationYamlConfig
+    from entrenar_cli.pipeline.distill import setup
 
-    src = DistillationYamlConfig.from_file(CONFIG).teacher
-    loc = models.open_source(src)
+    # what `init_from_teacher` builds for the demo (importance layers, fp32), checked tensor by tensor
+    su = setup(DistillationYamlConfig.from_file(CONFIG, ["training.mixed_precision=fp32"]))
+    assert su.student_layers == _L10_LAYERS, su.student_layers
+    loc = models.open_source(su.cfg.teacher)
     teacher = models.load_model(loc, task="causal", dtype=torch.float32)
+    student = models.student_from_teacher(teacher, _L10_LAYERS)
+    ref = su.student.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in student.state_dict().items())
     out = Path(_STUDENT_L10.replace("{root}", str(root)))
-    models.save_model_files(models.student_from_teacher(teacher, _L10_LAYERS), models.load_tokenizer(loc), out)
-    print(f"saved {out}")
+    models.save_model_files(student, models.load_tokenizer(loc), out)
+    print(f"saved {out}: equal to the demo's init_from_teacher student")
+
+
+def cmd_teachers(root: Path) -> None:
+    """The original and the corrected teacher on 60 training and the 59 held-out blocks: perplexity and the
+    mean entropy of their next-token distributions (a teacher better on blocks it trained on memorised them)."""
+    import torch
+    import torch.nn.functional as F
+
+    from entrenar_cli import models
+    from entrenar_cli.config import DistillationYamlConfig
+    from entrenar_cli.data import load_blocks
+
+    cfg = DistillationYamlConfig.from_file(CONFIG)
+    loc = models.open_source(cfg.teacher)
+    train, held = load_blocks(cfg.dataset, models.load_tokenizer(loc), causal=True)
+    splits = {name: torch.stack([torch.as_tensor(ds.block(i)[0].astype("int64")) for i in range(min(60, len(ds)))])
+              for name, ds in (("training", train), ("held-out", held))}
+    out: dict[str, Any] = {}
+    for name, where in (("original", loc), ("corrected", models.locate(_TEACHER_FIXED.replace("{root}", str(root))))):
+        model = models.load_model(where, task="causal", dtype=torch.float32).eval()
+        for split, x in splits.items():
+            ce = ent = 0.0
+            with torch.no_grad():
+                for i in range(0, len(x), 4):
+                    logp = F.log_softmax(model(input_ids=x[i:i + 4]).logits[:, :-1].float(), -1)
+                    ce -= float(logp.gather(-1, x[i:i + 4, 1:, None]).sum())
+                    ent -= float((logp.exp() * logp).sum())
+            n = x[:, 1:].numel()
+            out[f"{name} {split}"] = {"perplexity": math.exp(ce / n), "ce": ce / n, "entropy": ent / n}
+            print(f"{name:9s} teacher, {split:8s} blocks: perplexity {math.exp(ce / n):6.2f}, CE {ce / n:.3f}, "
+                  f"entropy {ent / n:.3f}", flush=True)
+    (root / "teachers.json").write_text(json.dumps(out, indent=1))
 
 
 def cmd_ce(root: Path, name: str, stop_at: int | None = None) -> int:
@@ -515,6 +553,7 @@ def main() -> None:
     sub.add_parser("probe")
     sub.add_parser("correct", help="fine-tune the teacher on the training blocks (teacher correction)")
     sub.add_parser("student", help="save the 10-layer student of the original teacher (for -tcorr runs)")
+    sub.add_parser("teachers", help="original vs corrected teacher on training and held-out blocks")
     a = ap.parse_args()
     if a.cmd == "list":
         for name, (desc, extra, base) in CANDIDATES.items():
@@ -535,6 +574,8 @@ def main() -> None:
         sys.exit(cmd_correct(a.root))
     elif a.cmd == "student":
         cmd_student(a.root)
+    elif a.cmd == "teachers":
+        cmd_teachers(a.root)
     else:
         cmd_table(a.root)
 
