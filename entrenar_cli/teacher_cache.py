@@ -128,13 +128,9 @@ def _fp16_up(x: Tensor) -> Tensor:
 
 
 def _negentropy(p: Tensor, logp: Tensor) -> Tensor:
-    """``sum p log p`` per row. A fused dot product (a third of the masked form's time on a 49k vocabulary);
-    rows with a ``-inf`` logit (0 * -inf = nan there) take the masked form."""
-    negent = torch.linalg.vecdot(p, logp)
-    bad = negent.isnan()
-    if bool(bad.any()):
-        negent[bad] = torch.where(p[bad] > 0, p[bad] * logp[bad], torch.zeros_like(p[bad])).sum(-1)
-    return negent
+    """``sum p log p`` per row, in fp32 whatever autocast is on. ``nansum`` drops the ``0 * -inf`` terms of
+    ``-inf`` logits (p = 0 contributes 0): two passes over the vocabulary where a masked ``where`` took four."""
+    return (p * logp).nansum(-1)
 
 
 def encode(logits: Tensor, fmt: CacheFormat, seed: int) -> np.ndarray:

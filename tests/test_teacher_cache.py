@@ -123,6 +123,10 @@ def test_negentropy_of_rows_with_masked_logits() -> None:
     expected = torch.stack([(row.exp()[row > -1e30] * row[row > -1e30]).sum() for row in logp])
     assert not bool(negent.isnan().any())
     assert torch.allclose(negent, expected, atol=1e-5)
+    # a fill encodes under the run's autocast: the record is computed in fp32 all the same
+    rec = encode(logits, fmt, seed=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert encode(logits, fmt, seed=1).tobytes() == rec.tobytes()
 
 
 def test_kd_loss_on_compact_cache_vs_full_vocabulary_within_documented_bound() -> None:
