@@ -212,7 +212,9 @@ CANDIDATES.update({f"a05-imp-lr1e3-l10-tcorr-s{seed}": (
     f"ce-imp-lr1e3-l10-s{seed}") for seed in (42, 7, 123)})
 # ... and the whole Minitron order: the student built from the corrected teacher's layers (the same ten), against
 # CE-only training of that same student (the corrected layers alone carry what the teacher learnt from the data)
-_FIXED_L10 = [f"student.init_from_teacher.layers={_L10_LAYERS}".replace(" ", ""), f"teacher.model_id={_TEACHER_FIXED}",
+# (an explicit layer list takes the default strategy: the demo config's `importance` is set back)
+_FIXED_L10 = [f"student.init_from_teacher.layers={_L10_LAYERS}".replace(" ", ""),
+              "student.init_from_teacher.strategy=spread", f"teacher.model_id={_TEACHER_FIXED}",
               "teacher.format=safetensors"]
 CANDIDATES.update({f"a05-imp-lr1e3-l10-tcorr-init-s{seed}": (
     f"the demo recipe, the student built from the corrected teacher's layers {_L10_LAYERS}, KD from it, seed {seed}",
