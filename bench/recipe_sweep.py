@@ -244,8 +244,13 @@ BASELINES: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def _at(root: Path, template: str) -> str:
+    """An override or path with ``{root}`` filled in."""
+    return template.replace("{root}", str(root))
+
+
 def _overrides(root: Path, name: str, extra: list[str]) -> list[str]:
-    return [*COMMON, *(o.replace("{root}", str(root)) for o in extra), f"output.dir={root / name}"]
+    return [*COMMON, *(_at(root, o) for o in extra), f"output.dir={root / name}"]
 
 
 def _set_args(overrides: list[str]) -> list[str]:
@@ -294,7 +299,7 @@ def cmd_fill(root: Path, name: str) -> int:
 def cmd_correct(root: Path) -> int:
     """Teacher correction: `entrenar finetune` (full) of the teacher on the demo's training blocks."""
     cmd = [sys.executable, "-m", "entrenar_cli", "finetune", "examples/configs/finetune-lora.yaml", "--overwrite",
-           *_set_args([*CORRECT, f"output.dir={_TEACHER_FIXED.replace('{root}', str(root))}"])]
+           *_set_args([*CORRECT, f"output.dir={_at(root, _TEACHER_FIXED)}"])]
     print("$ " + " ".join(cmd[1:]), flush=True)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "teacher-corrected.log", "ab") as log:
@@ -302,24 +307,17 @@ def cmd_correct(root: Path) -> int:
 
 
 def cmd_student(root: Path) -> None:
-    """Save the demo's 10-layer student, built from the original teacher, as a model directory."""
-    import torch
-
+    """Save the demo's 10-layer student, built from the original teacher, as a model directory: the very
+    student `init_from_teacher` builds (importance layers, fp32 master weights)."""
     from entrenar_cli import models
     from entrenar_cli.config import DistillationYamlConfig
     from entrenar_cli.pipeline.distill import setup
 
-    # what `init_from_teacher` builds for the demo (importance layers, fp32), checked tensor by tensor
     su = setup(DistillationYamlConfig.from_file(CONFIG, ["training.mixed_precision=fp32"]))
     assert su.student_layers == _L10_LAYERS, su.student_layers
-    loc = models.open_source(su.cfg.teacher)
-    teacher = models.load_model(loc, task="causal", dtype=torch.float32)
-    student = models.student_from_teacher(teacher, _L10_LAYERS)
-    ref = su.student.state_dict()
-    assert all(torch.equal(v, ref[k]) for k, v in student.state_dict().items())
-    out = Path(_STUDENT_L10.replace("{root}", str(root)))
-    models.save_model_files(student, models.load_tokenizer(loc), out)
-    print(f"saved {out}: equal to the demo's init_from_teacher student")
+    out = Path(_at(root, _STUDENT_L10))
+    models.save_model_files(su.student, su.tokenizer, out)
+    print(f"saved {out}: the demo's init_from_teacher student")
 
 
 def cmd_teachers(root: Path) -> None:
@@ -335,22 +333,20 @@ def cmd_teachers(root: Path) -> None:
     cfg = DistillationYamlConfig.from_file(CONFIG)
     loc = models.open_source(cfg.teacher)
     train, held = load_blocks(cfg.dataset, models.load_tokenizer(loc), causal=True)
-    splits = {name: torch.stack([torch.as_tensor(ds.block(i)[0].astype("int64")) for i in range(min(60, len(ds)))])
-              for name, ds in (("training", train), ("held-out", held))}
+    splits = {"training": _ids(train, 60), "held-out": _ids(held, 60)}
     out: dict[str, Any] = {}
-    for name, where in (("original", loc), ("corrected", models.locate(_TEACHER_FIXED.replace("{root}", str(root))))):
+    for name, where in (("original", loc), ("corrected", models.locate(_at(root, _TEACHER_FIXED)))):
         model = models.load_model(where, task="causal", dtype=torch.float32).eval()
         for split, x in splits.items():
-            ce = ent = 0.0
             with torch.no_grad():
-                for i in range(0, len(x), 4):
-                    logp = F.log_softmax(model(input_ids=x[i:i + 4]).logits[:, :-1].float(), -1)
-                    ce -= float(logp.gather(-1, x[i:i + 4, 1:, None]).sum())
-                    ent -= float((logp.exp() * logp).sum())
+                logp = F.log_softmax(_logits(model, x)[:, :-1], -1)
+            ce = -float(logp.gather(-1, x[:, 1:, None].long()).sum())
+            ent = -float((logp.exp() * logp).sum())
             n = x[:, 1:].numel()
             out[f"{name} {split}"] = {"perplexity": math.exp(ce / n), "ce": ce / n, "entropy": ent / n}
             print(f"{name:9s} teacher, {split:8s} blocks: perplexity {math.exp(ce / n):6.2f}, CE {ce / n:.3f}, "
                   f"entropy {ent / n:.3f}", flush=True)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "teachers.json").write_text(json.dumps(out, indent=1))
 
 
@@ -380,6 +376,21 @@ def _ce_child(root: Path, name: str) -> None:
 # ---- why pure KD falls behind: the teacher's calibration on this data --------------------------
 
 
+def _ids(blocks: Any, n: int) -> Any:
+    """The first ``n`` blocks (or all) as one ``[n, length]`` tensor of token ids."""
+    import numpy as np
+    import torch
+
+    return torch.tensor(np.stack([blocks.block(j)[0] for j in range(min(n, len(blocks)))]))
+
+
+def _logits(model: Any, x: Any, vocab: int | None = None) -> Any:
+    """``model``'s fp32 logits over ``x``, four blocks at a time (``vocab``: cut the head's padding)."""
+    import torch
+
+    return torch.cat([model(input_ids=x[i:i + 4]).logits[..., :vocab].float() for i in range(0, len(x), 4)])
+
+
 def cmd_probe(root: Path) -> None:
     """Teacher calibration on the held-out batches the runs evaluate on, and both layer choices.
 
@@ -387,7 +398,6 @@ def cmd_probe(root: Path) -> None:
     expected calibration error of its top-1 prediction (15 bins), the same at T=2, and the
     student-before perplexity of the spread and importance layer choices.
     """
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -397,13 +407,12 @@ def cmd_probe(root: Path) -> None:
 
     cfg = DistillationYamlConfig.from_file(CONFIG, _overrides(root, "probe", []))
     su = setup(cfg)
-    n_blocks = min(len(su.eval_blocks), 15 * 4)
-    ids = torch.tensor(np.stack([su.eval_blocks.block(j)[0] for j in range(n_blocks)]))
+    ids = _ids(su.eval_blocks, 15 * 4)
+    n_blocks = len(ids)
     x, y = ids[:, :-1], ids[:, 1:]
     out: dict[str, Any] = {"eval_blocks": n_blocks}
     with torch.no_grad():
-        logits = torch.cat([su.teacher(input_ids=x[i:i + 4]).logits[..., : su.vocab].float()
-                            for i in range(0, n_blocks, 4)])
+        logits = _logits(su.teacher, x, su.vocab)
         for temp in (1.0, 2.0):
             logp = F.log_softmax(logits / temp, dim=-1).reshape(-1, su.vocab)
             yy = y.reshape(-1)
@@ -434,10 +443,10 @@ def cmd_probe(root: Path) -> None:
         for name, layers in (("spread", models.spread_layers(30, 6)),
                              ("importance", models.importance_layers(scores, 6))):
             st = models.student_from_teacher(su.teacher, layers).eval()
-            s_logits = torch.cat([st(input_ids=x[i:i + 4]).logits[..., : su.vocab].float()
-                                  for i in range(0, n_blocks, 4)])
+            s_logits = _logits(st, x, su.vocab)
             ce = float(F.cross_entropy(s_logits.reshape(-1, su.vocab), y.reshape(-1)))
             out[f"student_before_{name}"] = {"layers": layers, "perplexity": math.exp(min(ce, 50.0))}
+    root.mkdir(parents=True, exist_ok=True)
     (root / "probe.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
