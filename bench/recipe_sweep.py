@@ -195,8 +195,8 @@ CANDIDATES: dict[str, tuple[str, list[str], str]] = {
 }
 # session 10: teacher correction (Minitron: fine-tune the teacher on the distillation data first; this
 # teacher is a 4-bit-quantised instruct model seeing Python source). `correct` fine-tunes it; `student`
-# saves the demo's 10-layer student built from the ORIGINAL teacher's layers (the exact weights
-# `init_from_teacher` gives: checked equal), so the CE-only baselines above stay the baselines
+# saves the demo's 10-layer student built from the ORIGINAL teacher's layers (the student `init_from_teacher`
+# builds), so the CE-only baselines above stay the baselines
 _TEACHER_FIXED = "{root}/teacher-corrected"
 _STUDENT_L10 = "{root}/student-l10-original"
 _L10_LAYERS = [0, 1, 6, 8, 20, 21, 23, 24, 28, 29]
