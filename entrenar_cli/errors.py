@@ -44,12 +44,6 @@ class UsageError(EntrenarError):
     exit_code = EXIT_USAGE
 
 
-class NotImplementedYet(EntrenarError):
-    """A documented command that is not built yet: fails loudly, never fakes success."""
-
-    exit_code = EXIT_RUNTIME
-
-
 class HubError(EntrenarError):
     """Hub download or lookup failure (not found, gated, offline, disk full): exit code 1."""
 

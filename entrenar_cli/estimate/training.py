@@ -88,11 +88,6 @@ def weights_bytes_by_dtype(layout: Layout) -> dict[str, int]:
 # LoRA targets, as peft resolves them
 
 
-def default_lora_targets(model_type: str) -> list[str] | str:
-    """The targets training uses when none are set (:mod:`entrenar_cli.lora_defaults`): names or 'all-linear'."""
-    return lora_defaults.default_targets(model_type)
-
-
 def lora_targets(layout: Layout, model_type: str, target_modules: list[str] | str | None) -> list[ModuleInfo]:
     """The modules peft would adapt: names equal to a target or ending in '.target'; a string is a
     regex (full match); 'all-linear' is every linear except the output head."""

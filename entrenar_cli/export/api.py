@@ -528,7 +528,3 @@ def _tensors_identical(result: ExportResult, weights: ModelWeights, apr_back: Op
     if set(back) != set(weights.tensors):
         return False
     return all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in weights.tensors.items())
-
-
-def parity_json(result: ExportResult) -> str:
-    return json.dumps(result.to_dict(), indent=2)

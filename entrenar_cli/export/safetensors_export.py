@@ -12,7 +12,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 from entrenar_cli.export.weights import TOKENIZER_FILES, ModelWeights
 
@@ -122,12 +122,3 @@ def copy_tokenizer_files(weights: ModelWeights, out_dir: Path) -> list[Path]:
                 (out_dir / fname).write_bytes(blob)
                 written.append(out_dir / fname)
     return written
-
-
-def read_header_metadata(path: Path) -> dict[str, Any]:
-    """The ``__metadata__`` map of a .safetensors file (read with the safetensors library)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(fh.metadata() or {})
-
