@@ -226,6 +226,21 @@ CANDIDATES.update({f"{name}-tc": (f"{desc}, from the pre-filled teacher cache", 
                    for name, (desc, extra, base) in list(CANDIDATES.items())
                    if "-l10-" in name and "teacher_cache" not in " ".join(extra) and f"{name}-tc" not in CANDIDATES
                    and "teacher.model_id" not in " ".join(extra)})  # that cache holds the original teacher's outputs
+# session 11: width instead of depth (Minitron: width pruning beats depth pruning). `width` saves students that
+# keep all 30 of the teacher's blocks, each cut to the same block parameters as the 10-layer student (35.4M in
+# all): attention heads (kept per key/value group) and MLP channels chosen by activation on training blocks
+_WIDTH = {"h9m170": (9, 170), "h6m300": (6, 300), "h3m430": (3, 430)}  # q heads kept, MLP channels kept
+_STUDENT_W = "{root}/student-width-{tag}"
+CANDIDATES.update({f"a05-width-{tag}-s{seed}": (
+    f"the demo recipe, a 30-block student cut in width ({h} heads, MLP {m}), seed {seed}",
+    [*DEMO, *_student(10, seed), "training.fused_losses=false", "student.init_from_teacher=null",
+     "student.model_id=" + _STUDENT_W.replace("{tag}", tag)], f"ce-width-{tag}-s{seed}")
+    for tag, (h, m) in _WIDTH.items() for seed in (42, 7, 123)})
+# at lr 1e-3 the KD run of h9m170 spiked at step 70 (30 thin blocks): the same at 5e-4
+CANDIDATES.update({f"a05-width-{tag}-lr5e4-s{seed}": (
+    f"{desc}, lr 5e-4", [*extra, "training.learning_rate=5e-4"], f"{base.replace('-s', '-lr5e4-s')}")
+    for name, (desc, extra, base) in list(CANDIDATES.items()) if name.startswith("a05-width-")
+    for tag in [name.split("-")[2]] for seed in [name.rsplit("-s", 1)[1]]})
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
     "ce-lr1e3": ("CE-only, lr 1e-3", ["training.learning_rate=1e-3"]),
@@ -239,6 +254,16 @@ BASELINES: dict[str, tuple[str, list[str]]] = {
     **{f"ce-imp-lr1e3-l10-tcorr-s{seed}": (
         f"CE-only, lr 1e-3, the corrected teacher's layers {_L10_LAYERS}, seed {seed}",
         [*_ce("1e-3", 10, seed), *_FIXED_L10]) for seed in (42, 7, 123)},
+    **{f"ce-width-{tag}-s{seed}": (
+        f"CE-only, lr 1e-3, the 30-block student cut in width ({h} heads, MLP {m}), seed {seed}",
+        [*_ce("1e-3", 10, seed), "student.init_from_teacher=null",
+         "student.model_id=" + _STUDENT_W.replace("{tag}", tag)])
+       for tag, (h, m) in _WIDTH.items() for seed in (42, 7, 123)},
+    **{f"ce-width-{tag}-lr5e4-s{seed}": (
+        f"CE-only, lr 5e-4, the 30-block student cut in width ({h} heads, MLP {m}), seed {seed}",
+        [*_ce("5e-4", 10, seed), "student.init_from_teacher=null",
+         "student.model_id=" + _STUDENT_W.replace("{tag}", tag)])
+       for tag, (h, m) in _WIDTH.items() for seed in (42, 7, 123)},
     "ce-imp-lr2e3": ("CE-only, lr 2e-3, student layers by importance",
                      ["training.learning_rate=2e-3", "student.init_from_teacher.strategy=importance"]),
 }
@@ -318,6 +343,92 @@ def cmd_student(root: Path) -> None:
     out = Path(_at(root, _STUDENT_L10))
     models.save_model_files(su.student, su.tokenizer, out)
     print(f"saved {out}: the demo's init_from_teacher student")
+
+
+def cmd_width(root: Path) -> None:
+    """Save the width-cut students of ``_WIDTH`` and print their held-out perplexity before training.
+
+    Importance as in Minitron: per MLP channel the mean |input of down_proj|, per attention head the mean L2
+    norm of its slice of o_proj's input, over 8 training blocks; each block keeps its own top channels and,
+    in every key/value group, its top query heads (all key/value heads stay)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from entrenar_cli import models
+    from entrenar_cli.config import DistillationYamlConfig
+    from entrenar_cli.data import load_blocks
+
+    cfg = DistillationYamlConfig.from_file(CONFIG)
+    loc = models.open_source(cfg.teacher)
+    tok = models.load_tokenizer(loc)
+    train, held = load_blocks(cfg.dataset, tok, causal=True)
+    teacher = models.load_model(loc, task="causal", dtype=torch.float32).eval()
+    c = teacher.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    group = c.num_attention_heads // c.num_key_value_heads
+    layers = teacher.model.layers
+    mlp_score = [torch.zeros(c.intermediate_size) for _ in layers]
+    head_score = [torch.zeros(c.num_attention_heads) for _ in layers]
+
+    def score(i: int) -> tuple[Any, Any]:
+        def mlp(_m: Any, a: tuple[Any, ...]) -> None:
+            mlp_score[i].add_(a[0].abs().flatten(0, -2).mean(0))
+
+        def heads(_m: Any, a: tuple[Any, ...]) -> None:
+            head_score[i].add_(a[0].unflatten(-1, (-1, hd)).norm(dim=-1).flatten(0, -2).mean(0))
+        return mlp, heads
+
+    hooks = []
+    for i, layer in enumerate(layers):
+        on_mlp, on_heads = score(i)
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(on_mlp))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(on_heads))
+    with torch.no_grad():
+        _logits(teacher, _ids(train, 8))
+    for h in hooks:
+        h.remove()
+    x = _ids(held, 16)
+    for tag, (heads, channels) in _WIDTH.items():
+        student = copy.deepcopy(teacher)
+        per_group = heads // c.num_key_value_heads
+        for i, layer in enumerate(student.model.layers):
+            keep_m = mlp_score[i].topk(channels).indices.sort().values
+            mlp = layer.mlp
+            for name in ("gate_proj", "up_proj"):
+                lin = getattr(mlp, name)
+                lin.weight = torch.nn.Parameter(lin.weight[keep_m].clone())
+                lin.out_features = channels
+            mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, keep_m].clone())
+            mlp.down_proj.in_features = channels
+            scores = head_score[i].view(c.num_key_value_heads, group)
+            keep_h = torch.cat([g * group + scores[g].topk(per_group).indices.sort().values
+                                for g in range(c.num_key_value_heads)])
+            rows = (keep_h[:, None] * hd + torch.arange(hd)).flatten()
+            at = layer.self_attn
+            at.q_proj.weight = torch.nn.Parameter(at.q_proj.weight[rows].clone())
+            at.q_proj.out_features = len(rows)
+            at.o_proj.weight = torch.nn.Parameter(at.o_proj.weight[:, rows].clone())
+            at.o_proj.in_features = len(rows)
+            at.num_key_value_groups = per_group
+            if hasattr(at, "num_heads"):
+                at.num_heads = heads
+        student.config.intermediate_size = channels
+        student.config.num_attention_heads = heads
+        student.config.head_dim = hd
+        student.tie_weights()
+        blocks = sum(p.numel() for n, p in student.named_parameters() if ".layers." in n)
+        with torch.no_grad():
+            logp = F.log_softmax(_logits(student, x)[:, :-1], -1)
+        ppl = math.exp(-float(logp.gather(-1, x[:, 1:, None].long()).mean()))
+        out = Path(_at(root, _STUDENT_W.replace("{tag}", tag)))
+        models.save_model_files(student, tok, out)
+        back = models.load_model(models.locate(str(out)), task="causal", dtype=torch.float32).eval()
+        with torch.no_grad():
+            same = torch.allclose(_logits(back, x[:2]), _logits(student, x[:2]), atol=1e-4)
+        print(f"{tag}: {heads} heads, MLP {channels}: block parameters {blocks / 1e6:.1f}M, held-out perplexity "
+              f"before training {ppl:.4g}; saved {out} (reloads identical: {same})", flush=True)
 
 
 def cmd_teachers(root: Path) -> None:
@@ -565,6 +676,7 @@ def main() -> None:
     sub.add_parser("correct", help="fine-tune the teacher on the training blocks (teacher correction)")
     sub.add_parser("student", help="save the 10-layer student of the original teacher (for -tcorr runs)")
     sub.add_parser("teachers", help="original vs corrected teacher on training and held-out blocks")
+    sub.add_parser("width", help="save 30-block students cut in width (for the a05-width runs)")
     a = ap.parse_args()
     if a.cmd == "list":
         for name, (desc, extra, base) in CANDIDATES.items():
@@ -587,6 +699,8 @@ def main() -> None:
         cmd_student(a.root)
     elif a.cmd == "teachers":
         cmd_teachers(a.root)
+    elif a.cmd == "width":
+        cmd_width(a.root)
     else:
         cmd_table(a.root)
 
