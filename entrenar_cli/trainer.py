@@ -46,6 +46,7 @@ from entrenar_cli.errors import TrainingError
 from entrenar_cli.loss_terms import LossTerms, accumulate, means
 from entrenar_cli.precision import precision_dtype, resolve_precision  # noqa: F401 - re-exported
 from entrenar_cli.signals import STOP, pause_for_tests
+from entrenar_cli.weight_average import WeightAverage
 
 if TYPE_CHECKING:
     from entrenar_cli.config.schema import TrainingSettings
@@ -201,6 +202,10 @@ class Engine:
                                            betas=(0.9, 0.999), eps=1e-8, foreach=True)
         self._extra = extra
         self._trainables = _Trainables(self.model, extra) if self.sharded else None
+        self.average: WeightAverage | None = None
+        if settings.ema_decay is not None:
+            self.average = WeightAverage({f"model.{n}": p for n, p in self.model.named_parameters()
+                                          if p.requires_grad}, settings.ema_decay)
         self.total_steps = self._plan_steps()
         from entrenar_cli.chunking import fused_losses
         from entrenar_cli.models import output_vocab
@@ -388,10 +393,18 @@ class Engine:
     # ---- evaluation -----------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
+        """Held-out metrics of the model training saves: the weight average when ``ema_decay`` is set."""
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), self.averaged():
             metrics = self.objective.evaluate(self.accelerator.unwrap_model(self.model), self.eval_batches())
         return metrics
+
+    def averaged(self) -> contextlib.AbstractContextManager[None]:
+        """A block in which the model holds the weight average (its own weights again after it); a no-op
+        without ``ema_decay`` or once training has put the average in for good."""
+        if self.average is None:
+            return contextlib.nullcontext()
+        return self.average.applied()
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -400,6 +413,8 @@ class Engine:
         out = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
         for i, p in enumerate(self.objective.extra_parameters()):
             out[f"extra.{i}"] = p
+        if self.average is not None:
+            out.update(self.average.state())
         return out
 
     def _sharded_state(self) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -415,6 +430,8 @@ class Engine:
                                   options=StateDictOptions(ignore_frozen_params=True))
         aliases = self._aliases()
         tensors = {f"model/{k}": v for k, v in msd.items() if k not in aliases and torch.is_tensor(v)}
+        if self.average is not None:  # this process's shards of the average, restored in place on resume
+            tensors.update({f"ema/{k}": v for k, v in self.average.shadow.items()})
         meta: dict[str, Any] = {"param_groups": osd["param_groups"], "state": {}}
         for fqn, entry in osd["state"].items():
             meta_entry: dict[str, Any] = {}
@@ -622,6 +639,9 @@ class Engine:
                 self.save_checkpoint()  # so that --resume continues exactly here
         last_eval: dict[str, float] = {}
         if status == "completed":
+            if self.average is not None:
+                self.average.apply()  # the model the pipeline saves
+                self.average = None
             last_eval = self._eval_and_log()
             self.gather_model()  # sharded: rank 0 now holds the whole model for the pipeline to save
         self.finish_trackers()
@@ -642,6 +662,8 @@ class Engine:
                 )
             return False
         self.state.bad_in_row = 0
+        if self.average is not None:
+            self.average.update(self.state.step)
         accumulate(self._window.acc, logged)
         step_tokens = int(logged["tokens"]) * self.world
         self.state.tokens += step_tokens

@@ -2,7 +2,8 @@
 
 The sharded run matches one process with the same global batch (losses and gradient norms to 1e-4,
 the gathered model to 1e-4, loaded by transformers); a run killed with SIGKILL and resumed from its
-sharded checkpoint equals the straight run; a LoRA student under sharding saves an adapter peft loads.
+sharded checkpoint equals the straight run (both keep a weight average, ``training.ema_decay``, which is what
+they save); a LoRA student under sharding saves an adapter peft loads.
 All at fp32 (``training.mixed_precision: fp32``) so the tolerances mean something.
 """
 
@@ -21,7 +22,13 @@ from pathlib import Path
 import pytest
 from test_distributed import _losses
 
-STEPS = 30  # enough steps that a kill after the first checkpoint lands well before the end
+STEPS = 30
+# the kill lands after this step's checkpoint, late enough that the weight average still remembers the
+# steps before it (its warm-up forgets the first ones: a run resumed at step 3 would pass unrestored)
+KILL_AFTER = 24
+# the module's runs keep a weight average: the saved model is the average of the shards' weights, and a
+# resumed run restores it from the sharded checkpoint (without one, the resumed average would differ)
+_EMA = "  ema_decay: 0.8\n"
 
 
 def _torchrun() -> str:
@@ -78,11 +85,11 @@ def runs(tiny_llama: Path, stdlib_text: Path, tmp_path_factory: pytest.TempPathF
     tmp = tmp_path_factory.mktemp("fsdp")
     one, two = tmp / "one", tmp / "two"
     proc = subprocess.run([sys.executable, "-m", "entrenar_cli", "distill",
-                           str(_cfg(tmp / "one.yaml", tiny_llama, stdlib_text, one, batch=8)), "--quiet"],
+                           str(_cfg(tmp / "one.yaml", tiny_llama, stdlib_text, one, batch=8, extra=_EMA)), "--quiet"],
                           capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = _two(_cfg(tmp / "two.yaml", tiny_llama, stdlib_text, two, batch=2, accumulation=2, sharding="fsdp",
-                     extra="  save_steps: 3\n"))
+                     extra="  save_steps: 3\n" + _EMA))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"one": one, "two": two, "tmp": tmp}
 
@@ -121,11 +128,11 @@ def test_sharded_kill_and_resume_equals_straight_run(runs: dict[str, Path], tiny
 
     out = runs["tmp"] / "killed"
     cfg = _cfg(runs["tmp"] / "killed.yaml", tiny_llama, stdlib_text, out, batch=2, accumulation=2,
-               sharding="fsdp", extra="  save_steps: 3\n")
+               sharding="fsdp", extra="  save_steps: 3\n" + _EMA)
     proc = subprocess.Popen([*_launch(), str(cfg), "--quiet"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=_env())
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step-000003").is_dir() and proc.poll() is None and time.monotonic() < deadline:
+    deadline, mark = time.monotonic() + 300, out / "checkpoints" / f"step-{KILL_AFTER:06d}"
+    while not mark.is_dir() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     for pid in [*_descendants(proc.pid), proc.pid]:  # both ranks (torchrun starts each in its own session)
         with contextlib.suppress(ProcessLookupError):
@@ -138,7 +145,7 @@ def test_sharded_kill_and_resume_equals_straight_run(runs: dict[str, Path], tiny
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
     straight = {s: (loss, g) for s, loss, g in _losses(runs["two"])}
-    after = [(s, loss, g) for s, loss, g in _losses(out)][-(STEPS - 3):]
+    after = [(s, loss, g) for s, loss, g in _losses(out)][-(STEPS - KILL_AFTER):]
     assert after[-1][0] == STEPS
     for s, loss, g in after:  # every step after the resume point equals the straight run's
         assert loss == pytest.approx(straight[s][0], rel=1e-6, abs=1e-7)

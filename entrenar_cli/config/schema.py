@@ -420,6 +420,10 @@ class TrainingSettings(Section):
     warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warm-up steps.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warm-up.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1,
+        description="Keep an exponential moving average of the trained weights (this decay per optimizer step, "
+        "warmed up as min(decay, (1+step)/(10+step))); evaluations and the saved model use it. null: off.")
     seed: int = Field(
         42, ge=0, le=2**63 - 1, description="Seed for weights init, data order and dropout (0 <= seed < 2^63)."
     )

@@ -196,6 +196,7 @@ def estimate_training(
     gradient_accumulation: int = 1,
     device: str = "cuda",
     logits_budget: int | None = None,
+    weight_average: bool = False,
 ) -> TrainingEstimate:
     """Modelled peak memory of training ``config`` (bytes, with its components).
 
@@ -207,7 +208,8 @@ def estimate_training(
     and the optimizer's temporaries (CUDA: bool masks, foreach AdamW; CPU: dtype masks,
     per-tensor AdamW). ``logits_budget``: bytes of one chunk of the chunked logit losses (what
     entrenar runs by default, training.logits_budget_mb); None counts materialised logits.
-    Raises UsageError for invalid settings.
+    ``weight_average``: training.ema_decay is set (one fp32 copy of the trained tensors, counted with
+    the optimizer state). Raises UsageError for invalid settings.
     """
     settings = _settings(
         method=method,
@@ -224,6 +226,7 @@ def estimate_training(
         attention=attention,
         device=device,
         logits_budget=logits_budget,
+        weight_average=weight_average,
     )
     layout = layout_for(config)
     teacher = None

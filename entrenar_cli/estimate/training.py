@@ -137,6 +137,7 @@ class EstimateSettings:
     device: str = "cuda"  # dropout masks: 1 byte on CUDA, a full-precision tensor on CPU; AdamW foreach vs per-tensor
     # chunked logit losses (objectives.LogitPath): one chunk's temporaries in bytes; None: materialised logits
     logits_budget: int | None = None
+    weight_average: bool = False  # training.ema_decay: an fp32 copy of the trained tensors
 
     def check(self) -> None:
         """Collect every invalid setting into one UsageError, naming the option the user typed."""
@@ -450,6 +451,8 @@ def estimate_from_layout(
     else:
         optimizer = 0
         opt_workspace = 0
+    if s.weight_average:
+        optimizer += 4 * trainable  # held as long as the optimizer state, sharded like it
 
     # 16-bit copies autocast keeps for backward
     linears = [m for m in layout.modules if m.kind == "linear"]

@@ -117,6 +117,10 @@ class TrainerConfig:
     def weight_decay(self, value: float) -> "TrainerConfig":
         return self._train("weight_decay", value)
 
+    def ema_decay(self, value: float | None) -> "TrainerConfig":
+        """Evaluate and save an exponential moving average of the weights (``training.ema_decay``)."""
+        return self._train("ema_decay", value)
+
     def seed(self, n: int) -> "TrainerConfig":
         return self._train("seed", n)
 

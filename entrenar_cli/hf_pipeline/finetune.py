@@ -256,6 +256,10 @@ class FineTuneConfigBuilder:
     def gradient_checkpointing(self, enabled: bool = True) -> "FineTuneConfigBuilder":
         return self._train("gradient_checkpointing", enabled)
 
+    def ema_decay(self, value: float | None) -> "FineTuneConfigBuilder":
+        """Evaluate and save an exponential moving average of the weights (``training.ema_decay``)."""
+        return self._train("ema_decay", value)
+
     def seq_len(self, n: int) -> "FineTuneConfigBuilder":
         probe = DatasetSettings.model_construct(path="-")
         set_field(probe, "max_length", n, f"FineTuneConfig.builder().seq_len({n!r})")

@@ -13,6 +13,7 @@ a loss computed elsewhere (e.g. by :meth:`compute_loss` in your own loop) and cl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -427,14 +428,16 @@ class DistillationTrainer:
             raise UsageError(f"save({str(directory)!r}): {out} is not empty",
                              hint="pass save(dir, overwrite=True) to replace the model files there, or another dir")
         student = self._student_module()
-        if self.config.student.lora is not None:
-            models.save_adapter_dir(student, out / "adapter")
-            merge = self.config.output.merge if self.config.output is not None else \
-                schema_default(OutputSettings, "merge")
-            if not merge:
-                return out
-        models.save_model_files(student, self.student_tokenizer if self.cross_tokenizer else self.teacher.tokenizer,
-                                out)
+        # training.ema_decay: the weight average is the student, as the CLI saves it
+        with self._engine.averaged() if self._engine is not None else contextlib.nullcontext():
+            if self.config.student.lora is not None:
+                models.save_adapter_dir(student, out / "adapter")
+                merge = self.config.output.merge if self.config.output is not None else \
+                    schema_default(OutputSettings, "merge")
+                if not merge:
+                    return out
+            models.save_model_files(student, self.student_tokenizer if self.cross_tokenizer
+                                    else self.teacher.tokenizer, out)
         return out
 
     def __repr__(self) -> str:

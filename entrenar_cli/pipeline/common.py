@@ -445,6 +445,13 @@ def memory_phrase(summary: dict[str, Any]) -> str:
     return text + (f" (whole process; training-memory estimate {human_bytes(est)})" if est else "")
 
 
+def weight_average_note(ema_decay: float | None) -> str:
+    """The plan's words for ``training.ema_decay`` (empty when off): the metrics are the average's."""
+    if ema_decay is None:
+        return ""
+    return f"; weights averaged (EMA, decay {ema_decay:g}): evaluations and the saved model use the average"
+
+
 def advisory_estimate(compute: Callable[[], int]) -> int | None:
     """Run a memory estimate that is advice, not a precondition: at run time a failure is a warning
     with its reason (training goes on); under ``ENTRENAR_STRICT_ESTIMATE=1`` (the test suite) it

@@ -28,6 +28,7 @@ from entrenar_cli.pipeline.common import (
     record_written,
     run_training,
     start_event,
+    weight_average_note,
     write_summary,
 )
 
@@ -355,7 +356,7 @@ def plan(su: DistillSetup) -> dict[str, Any]:
         "student": {"name": su.student_name, "parameters": s_params, "trainable_parameters": s_train,
                     "layers": models.num_layers(su.student), "hidden_size": models.hidden_size(su.student),
                     "init_layers": su.student_layers, "init_layer_scores": su.layer_scores},
-        "steps": steps, "steps_per_epoch": per_epoch, "tokens_per_step": tokens_per_step,
+        "steps": steps, "steps_per_epoch": per_epoch, "tokens_per_step": tokens_per_step, "ema_decay": tr.ema_decay,
         "train_blocks": len(su.train_blocks), "eval_blocks": len(su.eval_blocks),
         "precision": su.precision, "precision_reason": su.precision_reason, "device": str(su.device),
         "vocab": su.vocab,
@@ -395,6 +396,7 @@ def _memory_estimate(su: DistillSetup) -> int | None:
             teacher_config=su.teacher.config.to_dict(), lora_alpha=lora.alpha if lora else None,
             lora_dropout=lora.dropout if lora else 0.0, gradient_accumulation=tr.gradient_accumulation,
             device="cuda" if su.device.type == "cuda" else "cpu", logits_budget=sharding.planned_logits_budget(tr),
+            weight_average=tr.ema_decay is not None,
         )
         return sharding.plan_memory_bytes(est, tr, student_cfg, su.teacher.config.to_dict())
 
@@ -431,7 +433,8 @@ def print_plan(p: dict[str, Any]) -> None:
     out.print(f"steps {p['steps']} ({p['steps_per_epoch']} per epoch), {p['tokens_per_step']:,} tokens per step, "
               f"{p['train_blocks']} train / {p['eval_blocks']} held-out blocks on {p['device']}"
               + (f", estimated training memory {human_bytes(est)}{p.get('estimated_mem_note', '')}" if est else "")
-              + f"; precision {p.get('precision_reason') or p['precision']}")
+              + f"; precision {p.get('precision_reason') or p['precision']}"
+              + weight_average_note(p.get("ema_decay")))
     if p.get("logit_loss"):
         out.print(f"logit losses: {p['logit_loss']}")
     op = p.get("on_policy") or {}

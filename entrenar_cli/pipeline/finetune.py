@@ -24,6 +24,7 @@ from entrenar_cli.pipeline.common import (
     precision_and_device,
     record_written,
     run_training,
+    weight_average_note,
 )
 
 
@@ -188,7 +189,7 @@ def _estimate(su: FineTuneSetup) -> int | None:
                                 gradient_checkpointing=tr.gradient_checkpointing, lora_alpha=su.cfg.lora.alpha,
                                 lora_dropout=su.cfg.lora.dropout, gradient_accumulation=tr.gradient_accumulation,
                                 device="cuda" if su.model.device.type == "cuda" else "cpu",
-                                logits_budget=planned_logits_budget(tr))
+                                logits_budget=planned_logits_budget(tr), weight_average=tr.ema_decay is not None)
         return plan_memory_bytes(est, tr, su.model.config.to_dict())
 
     return advisory_estimate(compute)
@@ -230,7 +231,8 @@ class FineTuneRun(TrainingRun):
              + (f"; estimated training memory {human_bytes(estimate)}{sharding.memory_note(self.cfg.training)}"
                 if estimate else "")
              + f"; precision {plan['precision_reason'] or plan['precision']}"
-             + (f"; logit losses: {plan['logit_loss']}" if plan["logit_loss"] else ""))
+             + (f"; logit losses: {plan['logit_loss']}" if plan["logit_loss"] else "")
+             + weight_average_note(self.cfg.training.ema_decay))
 
     def disk_bytes(self, plan: dict[str, Any]) -> int:
         lora = self.cfg.method != "full"
