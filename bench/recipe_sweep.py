@@ -241,6 +241,12 @@ CANDIDATES.update({f"a05-width-{tag}-lr5e4-s{seed}": (
     f"{desc}, lr 5e-4", [*extra, "training.learning_rate=5e-4"], f"{base.replace('-s', '-lr5e4-s')}")
     for name, (desc, extra, base) in list(CANDIDATES.items()) if name.startswith("a05-width-")
     for tag in [name.split("-")[2]] for seed in [name.rsplit("-s", 1)[1]]})
+# session 11: the weight average (training.ema_decay 0.9; the screen that measured 0.9 / 0.95-0.99 evaluated
+# shadow averages inside the same runs, a patch not kept: these runs reproduce its 0.9 column)
+_EMA = ["training.ema_decay=0.9"]
+CANDIDATES.update({f"a05-imp-lr1e3-l10-ema-s{seed}": (
+    f"the demo recipe + a weight average (ema_decay 0.9), seed {seed}", [*_kd(10, seed), *_EMA],
+    f"ce-imp-lr1e3-l10-ema-s{seed}") for seed in (42, 7, 123)})
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
     "ce-lr1e3": ("CE-only, lr 1e-3", ["training.learning_rate=1e-3"]),
@@ -264,6 +270,8 @@ BASELINES: dict[str, tuple[str, list[str]]] = {
         [*_ce("5e-4", 10, seed), "student.init_from_teacher=null",
          "student.model_id=" + _STUDENT_W.replace("{tag}", tag)])
        for tag, (h, m) in _WIDTH.items() for seed in (42, 7, 123)},
+    **{f"ce-imp-lr1e3-l10-ema-s{seed}": (f"CE-only, lr 1e-3, 10 layers by importance, ema_decay 0.9, seed {seed}",
+                                         [*_ce("1e-3", 10, seed), *_EMA]) for seed in (42, 7, 123)},
     "ce-imp-lr2e3": ("CE-only, lr 2e-3, student layers by importance",
                      ["training.learning_rate=2e-3", "student.init_from_teacher.strategy=importance"]),
 }
