@@ -128,27 +128,29 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model.safetensors"))
 
 
-def test_resume_equals_straight_run(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+def straight_and_resumed(teacher: Path, data: Path, tmp_path: Path, stop_at: int, **training: Any) -> tuple[Path, Path]:
+    """One run straight through, and the same run stopped after ``stop_at`` as a SIGTERM would stop it, then
+    resumed; returns both output directories. fp32 pinned: the callers' tolerances are fp32's."""
     from entrenar_cli.pipeline.distill import run
     from entrenar_cli.signals import STOP
 
-    straight = tmp_path / "straight"
-    pin = {"mixed_precision": "fp32"}  # the tolerances are fp32's ('auto' is bf16 on some CPUs)
-    run(distill_config(tiny_llama, stdlib_text, straight, max_steps=20, save_steps=10, **pin),
-        RunOptions(progress=False))
-
-    # stop after step 10 exactly as a SIGTERM would, then resume
-    resumed = tmp_path / "resumed"
-    cfg = distill_config(tiny_llama, stdlib_text, resumed, max_steps=20, save_steps=10, **pin)
+    training = {"mixed_precision": "fp32", "save_steps": stop_at} | training
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(distill_config(teacher, data, straight, **training), RunOptions(progress=False))
+    cfg = distill_config(teacher, data, resumed, **training)
     engine = _engine(cfg)
     # what the SIGTERM handler does: set the shared stop flag (entrenar_cli.signals.STOP)
-    engine.train(on_log=lambda r: setattr(STOP, "signal", signal.SIGTERM) if r["step"] == 10 else None)
-    assert engine.state.step == 10
+    engine.train(on_log=lambda r: setattr(STOP, "signal", signal.SIGTERM) if r["step"] == stop_at else None)
+    assert engine.state.step == stop_at
     run(cfg, RunOptions(progress=False, resume=True))
-
     a, b = _final_weights(straight), _final_weights(resumed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    return straight, resumed
+
+
+def test_resume_equals_straight_run(tiny_llama: Path, stdlib_text: Path, tmp_path: Path) -> None:
+    straight, resumed = straight_and_resumed(tiny_llama, stdlib_text, tmp_path, 10, max_steps=20)
     la = {m["step"]: m["loss"] for m in read_metrics(straight) if m["event"] == "train"}
     lb = {m["step"]: m["loss"] for m in read_metrics(resumed) if m["event"] == "train"}
     for step in range(11, 21):
