@@ -130,3 +130,19 @@ def test_python_api_saves_the_average_and_keeps_training_its_own_weights(tiny_ll
     torch.testing.assert_close(saved[name], mine[name], atol=1e-6, rtol=0)
     assert not torch.allclose(saved[name], raw[name], atol=1e-4)
     assert torch.equal(params[name], raw[name])  # training goes on from its own weights
+
+
+def test_estimate_counts_the_average_and_the_plan_says_so(tiny_llama: Path) -> None:
+    import json
+
+    from entrenar_cli.estimate import estimate_training
+    from entrenar_cli.pipeline.common import weight_average_note
+
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    for method in ("full", "lora"):
+        plain = estimate_training(cfg, method=method, dtype="fp32")
+        averaged = estimate_training(cfg, method=method, dtype="fp32", weight_average=True)
+        assert averaged.optimizer_bytes - plain.optimizer_bytes == 4 * plain.trainable_parameters
+        assert averaged.total_bytes > plain.total_bytes
+    assert weight_average_note(None) == ""
+    assert "decay 0.9" in weight_average_note(0.9) and "saved model use the average" in weight_average_note(0.9)
