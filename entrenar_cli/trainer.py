@@ -204,8 +204,7 @@ class Engine:
         self._trainables = _Trainables(self.model, extra) if self.sharded else None
         self.average: WeightAverage | None = None
         if settings.ema_decay is not None:
-            self.average = WeightAverage({f"model.{n}": p for n, p in self.model.named_parameters()
-                                          if p.requires_grad}, settings.ema_decay)
+            self.average = WeightAverage(_trained_tensors(self.model), settings.ema_decay)
         self.total_steps = self._plan_steps()
         from entrenar_cli.chunking import fused_losses
         from entrenar_cli.models import output_vocab
@@ -410,7 +409,7 @@ class Engine:
 
     def trainable_state(self) -> dict[str, Tensor]:
         model = self.accelerator.unwrap_model(self.model)
-        out = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+        out = _trained_tensors(model)
         for i, p in enumerate(self.objective.extra_parameters()):
             out[f"extra.{i}"] = p
         if self.average is not None:
@@ -756,6 +755,11 @@ class Engine:
             out["generated_tokens"] = int(out["generated_tokens"])
             out["generated_tokens_per_s"] = out["generated_tokens"] / max(1e-9, (seconds or 0.0) / self.world)
         return out
+
+
+def _trained_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The model's trained parameters by checkpoint name (``model.<parameter path>``)."""
+    return {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def peak_memory_bytes(device: torch.device) -> int:
