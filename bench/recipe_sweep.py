@@ -247,6 +247,12 @@ _EMA = ["training.ema_decay=0.9"]
 CANDIDATES.update({f"a05-imp-lr1e3-l10-ema-s{seed}": (
     f"the demo recipe + a weight average (ema_decay 0.9), seed {seed}", [*_kd(10, seed), *_EMA],
     f"ce-imp-lr1e3-l10-ema-s{seed}") for seed in (42, 7, 123)})
+# session 12: attention transfer on the copied pairs (student block i <-> the teacher block it was copied
+# from; eager attention in both models), never measured on the LM recipe before
+CANDIDATES.update({f"a05-imp-lr1e3-l10-att{tag}-s{seed}": (
+    f"the demo recipe + attention transfer on the copied pairs (weight {w}), seed {seed}",
+    [*_kd(10, seed), "distillation.attention.enabled=true", f"distillation.attention.weight={w}"],
+    f"ce-imp-lr1e3-l10-s{seed}") for tag, w in (("", "0.1"), ("-w1", "1.0")) for seed in (42, 7, 123)})
 BASELINES: dict[str, tuple[str, list[str]]] = {
     "ce": ("CE-only, lr 5e-4", ["training.learning_rate=5e-4"]),
     "ce-lr1e3": ("CE-only, lr 1e-3", ["training.learning_rate=1e-3"]),
